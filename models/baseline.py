@@ -30,7 +30,7 @@ from models.datasets import Splits, load_dataset
 from models.errors import UserError, cli_main
 from models.presets import Preset, get_preset, list_presets
 from models.registry import create_model
-from models.train import default_device, evaluate_split, train
+from models.train import default_device, evaluate_split, resolve_device, train
 
 FORMAT_VERSION = 1
 
@@ -203,11 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m models.baseline``."""
     args = build_parser().parse_args(argv)
     preset = get_preset(args.preset)
+    device = resolve_device(args.device)  # before loading data: a bad --device fails at once
     data = load_dataset(args.dataset or preset.dataset, args.data_dir, val_fraction=preset.val_fraction, seed=args.seed)
     print(data.summary())
     _, record = load_or_train_baseline(
         preset, data, seed=args.seed, store=args.store,
-        device=torch.device(args.device) if args.device else None, retrain=args.retrain, log=print,
+        device=device, retrain=args.retrain, log=print,
     )
     print(json.dumps({k: v for k, v in record.to_dict().items() if k != "curve"}, indent=2))
     return 0

@@ -73,6 +73,9 @@ class DeviceLoader:
             raise ValueError(f"x must be uint8 (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} images but y has {len(y)} labels")
+        if x.shape[1] != spec.channels:
+            # mean/std of the wrong length would broadcast silently into wrong batches
+            raise ValueError(f"x has {x.shape[1]} channels but the DataSpec has {spec.channels}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)

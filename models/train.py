@@ -36,7 +36,7 @@ class TrainConfig:
         batch_size: Images per step.
         lr: Peak learning rate.
         optimizer: ``"sgd"`` (Nesterov momentum) or ``"adamw"``.
-        momentum: SGD momentum (beta1 of AdamW is fixed at 0.9).
+        momentum: SGD momentum; AdamW's beta1 (its beta2 is fixed at 0.999).
         weight_decay: Decoupled for AdamW, L2 for SGD; never applied to biases and norms.
         schedule: ``"cosine"`` (with ``warmup`` linear warm-up), ``"onecycle"`` (linear up over
             ``warmup`` of the steps, then linear down to 0) or ``"constant"``.
@@ -145,6 +145,32 @@ class TrainHook:
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(name: str | torch.device | None = None) -> torch.device:
+    """``name`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...) as a device that exists here.
+
+    ``None`` or ``""`` gives :func:`default_device`. An unknown device type, CUDA without CUDA or
+    a CUDA index beyond the visible devices is a :class:`UserError` naming the value.
+    """
+    if name is None or name == "":
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {str(name)!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {str(name)!r} requested but CUDA is not available here; use cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UserError(f"device {str(name)!r} does not exist: {count} CUDA device(s) visible")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"device {str(name)!r} requested but MPS is not available here; use cpu")
+    elif device.type != "cpu":
+        raise UserError(f"device type {device.type!r} is not supported; use cpu, cuda or cuda:N")
+    return device
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:

@@ -1,0 +1,1 @@
+"""CLIs (run, worker, export, apply, dashboard), named studies, samplers, early stopping."""

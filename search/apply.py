@@ -1,0 +1,91 @@
+"""``python -m search.apply PLAN.json --out model.pcz``: rebuild the compressed model of one plan
+(optionally fine-tuning longer), write its artifact, print its accuracy and ratio.
+
+With the study's budget (no ``--epochs``) the artifact is byte-identical to the trial's, so the
+ratio equals the recorded one exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.errors import UserError, cli_main
+from models.train import evaluate_split
+from objectives.pipeline import Outcome, Workbench, finish, prepare
+from spaces.plan import Plan
+
+
+def read_plan_file(path: str | Path) -> tuple[Plan, dict[str, Any]]:
+    """A plan file written by export (plan + preset + seeds) or a bare plan."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"plan file {p} does not exist")
+    try:
+        record = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"plan file {p} is not valid JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise UserError(f"plan file {p} must hold a JSON object")
+    plan = Plan.from_dict(record["plan"] if "plan" in record else record)
+    return plan, record if "plan" in record else {}
+
+
+def rebuild(plan: Plan, record: dict[str, Any], *, preset: str | None = None, data_dir: str = "data",
+            store: str = "runs", device: torch.device | None = None, epochs: int | None = None) -> tuple[Workbench, Outcome]:
+    """Apply ``plan`` to its preset's cached baseline and fine-tune it, as the trial did."""
+    preset = preset or record.get("preset")
+    if preset is None:
+        raise UserError("this plan file names no preset; pass --preset")
+    dataset = record.get("dataset")
+    bench = Workbench.load(preset, dataset=dataset if dataset and dataset != preset else None, data_dir=data_dir,
+                           store=store, seed=int(record.get("baseline_seed", 0)), device=device)
+    prepared = prepare(bench, plan, int(record.get("seed", 0)))
+    return bench, finish(bench, prepared, epochs=epochs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``python -m search.apply``."""
+    p = argparse.ArgumentParser(prog="python -m search.apply", description=__doc__)
+    p.add_argument("plan", help="a plan file from python -m search.export (or a bare plan JSON with --preset)")
+    p.add_argument("--out", required=True, help="where to write the compressed artifact (.pcz)")
+    p.add_argument("--epochs", type=int, default=None, help="fine-tune this many epochs instead of the study's budget")
+    p.add_argument("--preset", default=None, help="preset, when the plan file names none")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--store", default="runs", help="root of the baseline cache (default: runs)")
+    p.add_argument("--device", default=None)
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    args = build_parser().parse_args(argv)
+    plan, record = read_plan_file(args.plan)
+    bench, outcome = rebuild(plan, record, preset=args.preset, data_dir=args.data_dir, store=args.store,
+                             device=torch.device(args.device) if args.device else None, epochs=args.epochs)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(outcome.artifact)
+    test = evaluate_split(outcome.model, bench.data, "test", bench.device)
+    summary = {
+        "families": plan.families,
+        "val_accuracy": outcome.val_accuracy,
+        "test_accuracy": test,
+        "bytes": outcome.bytes,
+        "compression_ratio": outcome.ratio,
+        "artifact": str(out),
+    }
+    if "bytes" in record:
+        summary["recorded_bytes"] = record["bytes"]
+        summary["recorded_compression_ratio"] = record.get("compression_ratio")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""``python -m search.export``: the Pareto-optimal plans of a study as files.
+
+Writes ``pareto.json`` (plans, values, bytes, test accuracy, baseline reference), one
+``plan-trial-<n>.json`` per Pareto plan (what ``search.apply`` reads), ``trials.csv`` (every
+trial) and ``pareto.png`` (the front coloured by technique family). Export is the only place the
+test split is read: for each Pareto plan, from its stored artifact. Stopped (pruned) and
+infeasible trials never enter the front. ``--materialize`` also writes the artifacts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from models.datasets import load_dataset
+from models.errors import UserError, cli_main
+from models.presets import get_preset
+from models.train import evaluate_split
+from objectives.objective import is_feasible
+from search.progress import front_trials, study_hypervolume
+from search.studies import find_study_name, stored_config
+from search.worker import default_store
+from spaces.plan import Plan
+from storage.codec import CorruptArtifactError, decode
+from storage.studies import DEFAULT_STORAGE, load_study, open_artifact_store, open_storage
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: state, values, size, family, whether it is on the front."""
+    front = {t.number for t in front_trials(study.get_trials(deepcopy=False))}
+    names = study.metric_names or ["val_accuracy", "compression_ratio"]
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row: dict[str, Any] = {"number": t.number, "state": t.state.name}
+        for i, n in enumerate(names):
+            row[n] = t.values[i] if t.values is not None else math.nan
+        a = t.user_attrs
+        row.update(
+            families=a.get("families"), bytes=a.get("bytes"), feasible=is_feasible(t), pareto=t.number in front,
+            epochs=a.get("epochs"), stopped_at_epoch=a.get("stopped_at_epoch"), wall_seconds=a.get("wall_seconds"),
+            seed=a.get("seed"), device=a.get("device"), params=json.dumps(t.params, sort_keys=True),
+            plan=json.dumps(a.get("plan"), sort_keys=True),
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _weights_family(families: str) -> str:
+    parts = (families or "fp32").split("+")
+    reps = [p for p in parts if p not in ("structured", "lowrank", "prune", "act")]
+    return "+".join(parts) if not reps else reps[0] + ("+sparse" if "prune" in parts else "")
+
+
+def plot_front(study: optuna.Study, baseline: dict[str, Any], path: Path) -> None:
+    """Scatter of every feasible trial (grey) and the front coloured by technique family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and t.values and is_feasible(t)]
+    front = front_trials(trials)
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    ax.scatter([t.values[1] for t in trials], [100 * t.values[0] for t in trials], s=12, c="#bbbbbb", label="trials")
+    fams = sorted({_weights_family(t.user_attrs.get("families", "")) for t in front})
+    cmap = plt.get_cmap("tab10")
+    for i, fam in enumerate(fams):
+        pts = [t for t in front if _weights_family(t.user_attrs.get("families", "")) == fam]
+        ax.scatter([t.values[1] for t in pts], [100 * t.values[0] for t in pts], s=50, color=cmap(i % 10),
+                   edgecolor="black", label=fam, zorder=3)
+    ax.plot([t.values[1] for t in front], [100 * t.values[0] for t in front], color="black", lw=0.8, zorder=2)
+    ax.axhline(100 * baseline["val_accuracy"], color="red", ls="--", lw=0.8, label="baseline (val)")
+    ax.set_xscale("log")
+    ax.set_xlabel("compression ratio (measured bytes, log scale)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(f"{study.study_name}: Pareto front ({len(front)} of {len(trials)} feasible trials)")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _artifact_bytes(trial: FrozenTrial, store: Any) -> bytes | None:
+    artifact_id = trial.user_attrs.get("artifact_id")
+    if artifact_id is None:
+        return None
+    try:
+        with store.open_reader(artifact_id) as fh:
+            return fh.read()
+    except Exception:  # a missing artifact falls back to rebuilding the plan
+        return None
+
+
+def export(study: optuna.Study, out: Path, *, data_dir: str, store_root: str, materialize: bool) -> dict[str, Any]:
+    """Write the export files for ``study`` into ``out``; return the pareto.json content."""
+    from search.apply import rebuild
+
+    config = stored_config(study)
+    baseline = study.user_attrs.get("baseline", {})
+    out.mkdir(parents=True, exist_ok=True)
+    store = open_artifact_store("", str(Path(store_root) / "artifacts"))
+    preset = get_preset(config.preset)
+    data = load_dataset(config.dataset or preset.dataset, data_dir, val_fraction=preset.val_fraction, seed=config.seed)
+    front = front_trials(study.get_trials(deepcopy=False))
+    names = study.metric_names or ["val_accuracy", "compression_ratio"]
+    plans = []
+    for t in front:
+        plan = Plan.from_dict(t.user_attrs["plan"])
+        blob = _artifact_bytes(t, store)
+        record = {"plan": plan.to_dict(), "preset": config.preset, "dataset": config.dataset, "baseline_seed": config.seed,
+                  "seed": t.user_attrs.get("seed", 0), "baseline_bytes": baseline.get("bytes"), "trial": t.number,
+                  "bytes": t.user_attrs.get("bytes"), **dict(zip(names, t.values, strict=False))}
+        if blob is None:
+            _, outcome = rebuild(plan, record, data_dir=data_dir, store=store_root)
+            blob, model = outcome.artifact, outcome.model
+        else:
+            try:
+                model = decode(blob)
+            except CorruptArtifactError as exc:
+                raise UserError(f"artifact of trial {t.number} is corrupt ({exc}); re-run it or delete the study's artifacts") from None
+        record["test_accuracy"] = evaluate_split(model, data, "test")
+        plan_file = out / f"plan-trial-{t.number}.json"
+        plan_file.write_text(json.dumps(record, indent=2, sort_keys=True))
+        if materialize:
+            (out / f"trial-{t.number}.pcz").write_bytes(blob)
+        plans.append({**record, "families": plan.families, "plan_file": plan_file.name})
+    summary = {
+        "study": study.study_name,
+        "config": config.to_dict(),
+        "baseline": baseline,
+        "metric_names": names,
+        "hypervolume": study_hypervolume(study.get_trials(deepcopy=False), baseline.get("val_accuracy", 0.0)),
+        "plans": plans,
+    }
+    (out / "pareto.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    trials_frame(study).to_csv(out / "trials.csv", index=False)
+    plot_front(study, baseline, out / "pareto.png")
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``python -m search.export``."""
+    p = argparse.ArgumentParser(prog="python -m search.export", description=__doc__)
+    p.add_argument("--study", default="all", help="named study space (default: all)")
+    p.add_argument("--name", default=None, help="exact Optuna study name (default: the one study of --study/--preset)")
+    p.add_argument("--preset", default=None)
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"study storage URL (default: {DEFAULT_STORAGE})")
+    p.add_argument("--store", default=None, help="root of baselines/ and artifacts/ (default: beside the SQLite file, else runs)")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--out", default="exports", help="output folder (default: exports)")
+    p.add_argument("--materialize", action="store_true", help="also write each Pareto plan's artifact (.pcz)")
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    args = build_parser().parse_args(argv)
+    storage = open_storage(args.storage, heartbeat=False)
+    study = load_study(args.name or find_study_name(storage, args.study, args.preset), storage)
+    summary = export(study, Path(args.out), data_dir=args.data_dir,
+                     store_root=args.store or default_store(args.storage), materialize=args.materialize)
+    print(f"{len(summary['plans'])} Pareto plans -> {args.out}/pareto.json, trials.csv, pareto.png")
+    for p in summary["plans"]:
+        print(f"  trial {p['trial']:>4}  {p['families']:<28} val {p[summary['metric_names'][0]]:.4f} "
+              f"test {p['test_accuracy']:.4f} ratio {p[summary['metric_names'][1]]:.2f}  {p['plan_file']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

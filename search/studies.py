@@ -1,0 +1,126 @@
+"""Named studies: the configuration a study is created with, stored on the study itself so that
+every worker that joins it (from any machine) runs the same search."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import optuna
+
+from models.baseline import code_version
+from models.errors import UserError
+from objectives.objective import OBJECTIVES, Constraints
+from objectives.pipeline import Workbench
+from spaces.plan import get_study_space
+
+CONFIG_ATTR = "config"
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything that defines a study's trials (recorded as the study's ``config`` attribute)."""
+
+    space: str = "all"
+    preset: str = "cifar10-resnet18"
+    dataset: str | None = None
+    seed: int = 0
+    objectives: tuple[str, ...] = ("acc", "ratio")
+    sampler: str = "tpe"
+    early_stopping: bool = True
+    max_bytes: int | None = None
+    min_ratio: float | None = None
+    max_accuracy_drop: float | None = None
+    finetune_space: dict[str, list[float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        get_study_space(self.space)  # raises on an unknown name
+
+    @property
+    def constraints(self) -> Constraints:
+        """The declared constraints."""
+        return Constraints(self.max_bytes, self.min_ratio, self.max_accuracy_drop)
+
+    @property
+    def has_constraints(self) -> bool:
+        """Whether any constraint is declared."""
+        return any(v is not None for v in (self.max_bytes, self.min_ratio, self.max_accuracy_drop))
+
+    def default_name(self) -> str:
+        """``<space>-<preset>``, the Optuna study name unless one is given."""
+        return f"{self.space}-{self.preset}" + (f"-{self.dataset}" if self.dataset else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        d = asdict(self)
+        d["objectives"] = list(self.objectives)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
+        """Inverse of :meth:`to_dict`."""
+        d = dict(d)
+        d["objectives"] = tuple(d.get("objectives", ("acc", "ratio")))
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def directions(objectives: tuple[str, ...]) -> list[str]:
+    """Optuna directions of the objectives."""
+    return [OBJECTIVES[o][1] for o in objectives]
+
+
+def create_or_load(name: str, storage: optuna.storages.BaseStorage, config: StudyConfig, bench: Workbench,
+                   sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+    """Create the study (recording config, baseline and metric names) or load it, refusing to
+    resume a study that was created with a different configuration."""
+    study = optuna.create_study(
+        study_name=name, storage=storage, directions=directions(config.objectives), sampler=sampler, load_if_exists=True
+    )
+    existing = study.user_attrs.get(CONFIG_ATTR)
+    if existing is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([OBJECTIVES[o][0] for o in config.objectives])
+        study.set_user_attr(CONFIG_ATTR, config.to_dict())
+        study.set_user_attr("preset", config.preset)
+        study.set_user_attr("baseline", {
+            "val_accuracy": bench.record.val_accuracy,
+            "test_accuracy": bench.record.test_accuracy,
+            "bytes": bench.baseline_bytes,
+            "key": bench.record.key,
+            "model": bench.record.model,
+            "dataset": bench.record.dataset,
+        })
+        study.set_user_attr("code_version", code_version())
+    elif StudyConfig.from_dict(existing) != config:
+        old = StudyConfig.from_dict(existing).to_dict()
+        diff = {k: (old[k], v) for k, v in config.to_dict().items() if old.get(k) != v}
+        raise UserError(
+            f"study {name!r} exists with another configuration {diff} (stored, given); "
+            "resume it with the same options, or pass --name to start a new study"
+        )
+    return study
+
+
+def stored_config(study: optuna.Study) -> StudyConfig:
+    """The configuration a study was created with."""
+    d = study.user_attrs.get(CONFIG_ATTR)
+    if d is None:
+        raise UserError(f"study {study.study_name!r} was not created by pareto-compress (no config attribute)")
+    return StudyConfig.from_dict(d)
+
+
+def find_study_name(storage: optuna.storages.BaseStorage, space: str, preset: str | None) -> str:
+    """The study of ``space`` (and ``preset``) in ``storage``; ambiguous or missing is an error."""
+    summaries = optuna.get_all_study_summaries(storage)
+    matches = [
+        s.study_name for s in summaries
+        if (c := s.user_attrs.get(CONFIG_ATTR)) and c.get("space") == space and (preset is None or c.get("preset") == preset)
+    ]
+    if len(matches) == 1:
+        return matches[0]
+    names = ", ".join(s.study_name for s in summaries) or "none"
+    if not matches:
+        raise UserError(f"no study of space {space!r} in this storage (studies: {names}); start one with python -m search.run")
+    raise UserError(f"several studies of space {space!r}: {', '.join(matches)}; pick one with --name or --preset")

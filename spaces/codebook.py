@@ -1,0 +1,312 @@
+"""Codebook weights (weight sharing, Han et al. 2016 "Deep Compression"): every weight of a layer
+is one of ``k`` shared values. Each weight stores a ``ceil(log2 k)``-bit index; the layer (or, with
+``scope="global"``, the whole model) stores the ``k`` fp32 centroids.
+
+The codebook comes from exact 1-D clustering (:mod:`spaces.cluster1d`) of the kept weights:
+k-means, a Gaussian mixture, or DBSCAN. During fine-tuning the indices are frozen and only the
+centroids train: ``forward`` returns ``centroids[indices]``, whose backward sums the gradients of
+all weights sharing a centroid, which is exactly Deep Compression's centroid fine-tuning.
+
+Pruned layers (a ``mask`` from the sparsity stage) cluster only their kept weights; the pruned
+positions cost only the codec's position stream. Layers the policy protects keep 8 bits: where
+the codebook has fewer bits they get per-channel int8 (:func:`spaces.represent.set_weight_repr`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from torch import Tensor, nn
+
+from spaces.cluster1d import Clustering1D, dbscan_1d, gmm_1d, kmeans_1d
+from spaces.layers import CConv2d, CLinear, Stream, WeightRepr, register_component
+from spaces.policy import PROTECTED_BITS
+from spaces.registry import ApplyContext, Technique, TechniqueConfig, check, register_technique
+from spaces.represent import compressed_layers, set_weight_repr, snap_weights
+
+METHODS = ("kmeans", "gmm", "dbscan")
+SCOPES = ("layer", "global")
+GLOBAL_SHARE = "codebook.global"  # the codec's key of the one stored copy of a global codebook
+# A DBSCAN core point needs this fraction of the clustered weights (at least _DBSCAN_MIN_SAMPLES)
+# within eps: clusters must hold a noticeable share of the layer, not a handful of outliers.
+_DBSCAN_MIN_FRACTION = 1e-3
+_DBSCAN_MIN_SAMPLES = 4
+
+
+def index_bits(k: int) -> int:
+    """Bits of one index into a codebook of ``k`` entries (at least 1)."""
+    return max(1, math.ceil(math.log2(max(k, 1))))
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity in the forward pass; the backward pass multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: Tensor) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None
+
+
+def member_counts(labels: Tensor | np.ndarray, k: int) -> Tensor:
+    """How many weights each of the ``k`` entries stands for."""
+    t = torch.as_tensor(np.asarray(labels) if isinstance(labels, np.ndarray) else labels)
+    return torch.bincount(t.reshape(-1).to(torch.int64).cpu(), minlength=k)[:k].float()
+
+
+@register_component
+class CodebookRepr(WeightRepr):
+    """``w = centroids[indices]``: frozen int64 indices (weight-shaped buffer), trained centroids.
+
+    ``share`` names a codebook held by several layers: they all hold the same ``centroids``
+    Parameter object, and the codec stores it once.
+
+    Centroid gradients: autograd's index backward sums the gradients of the ``n_j`` weights that
+    share entry ``j`` (Deep Compression's rule). With the fine-tune's SGD learning rate that sum
+    moves a centroid ``n_j`` times as far as its members would move (thousands of times in a
+    dense layer) and diverged in our measurements (digits, k=4: 99% -> 10% accuracy within the
+    first epoch). The summed gradient is therefore divided by ``n_j`` (the ``grad_scale``
+    buffer, not stored): a centroid moves by its members' mean gradient, i.e. as far as a member
+    weight would, which is the sum preconditioned by the diagonal curvature of the shared
+    direction. For a global codebook ``n_j`` counts the members in all layers.
+    """
+
+    kind = "codebook"
+
+    def __init__(self, k: int, shape: list[int], share: str | None = None) -> None:
+        super().__init__()
+        self.share = share
+        self.centroids = nn.Parameter(torch.zeros(k))
+        self.register_buffer("indices", torch.zeros(shape, dtype=torch.int64))
+        self.register_buffer("grad_scale", torch.ones(k), persistent=False)
+
+    @classmethod
+    def build(cls, centroids: Tensor | nn.Parameter, indices: Tensor, share: str | None = None,
+              counts: Tensor | None = None) -> CodebookRepr:
+        """A representation over ``indices``; an ``nn.Parameter`` ``centroids`` is held as it is
+        (tied), any other tensor is copied into a fresh Parameter. ``counts`` are the members of
+        each entry (default: counted in ``indices``); centroid gradients are divided by them."""
+        rep = cls(int(centroids.numel()), list(indices.shape), share)
+        if isinstance(centroids, nn.Parameter):
+            rep.centroids = centroids
+        else:
+            rep.centroids = nn.Parameter(centroids.detach().float().clone())
+        rep.indices = indices.to(torch.int64).clone()
+        counts = member_counts(rep.indices, rep.k) if counts is None else counts.float()
+        rep.grad_scale = (1.0 / counts.clamp_min(1.0)).to(rep.indices.device)
+        return rep
+
+    @property
+    def k(self) -> int:
+        """Number of codebook entries."""
+        return int(self.centroids.numel())
+
+    def spec(self) -> dict[str, Any]:
+        """Constructor arguments."""
+        return {"k": self.k, "shape": list(self.indices.shape), "share": self.share}
+
+    def forward(self, weight: Tensor) -> Tensor:
+        """``centroids[indices]`` (the shadow weight is not used while the codebook trains)."""
+        c = self.centroids
+        if c.requires_grad and torch.is_grad_enabled():
+            c = _ScaleGrad.apply(c, self.grad_scale.to(c.device))
+        return c[self.indices].to(weight.dtype)
+
+    def export_weight(self, weight: Tensor, mask: Tensor | None) -> Stream:
+        """The indices, packed at ``ceil(log2 k)`` bits (masked positions dropped)."""
+        return Stream("codes", self.indices.detach().cpu(), bits=index_bits(self.k),
+                      mask=None if mask is None else mask.cpu())
+
+    def export_state(self) -> dict[str, Stream]:
+        """The centroids as fp32, stored once per ``share`` key."""
+        return {"centroids": Stream("float", self.centroids.detach().float().cpu(), "f32", share=self.share)}
+
+    def load_weight(self, stored: Tensor, shape: torch.Size) -> Tensor:
+        """Restore the indices from the stored codes; the shadow weight is ``centroids[codes]``.
+
+        (The gradient scale is recounted from this layer's codes, pruned positions included: a
+        decoded model fine-tunes its centroids with approximately the original scale.)"""
+        self.indices = stored.reshape(shape).to(torch.int64).to(self.centroids.device)
+        self.grad_scale = 1.0 / member_counts(self.indices, self.k).clamp_min(1.0).to(self.indices.device)
+        return self.centroids.detach()[self.indices].float()
+
+    def bits_per_weight(self) -> float:
+        """Index bits (the arithmetic runs on decoded centroids, but storage is what BitOPs uses)."""
+        return float(index_bits(self.k))
+
+
+# ---------------------------------------------------------------------------- clustering
+
+
+def kept_values(layer: CConv2d | CLinear) -> np.ndarray:
+    """The layer's kept (unmasked) shadow weights as a flat float64 array."""
+    w = layer.weight.detach().float().cpu().reshape(-1)
+    if layer.mask is not None:
+        w = w[layer.mask.detach().cpu().reshape(-1)]
+    return w.numpy().astype(np.float64)
+
+
+def nearest_sorted(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the nearest of the ascending ``centroids`` for each value (ties to the lower)."""
+    if centroids.size == 1:
+        return np.zeros(values.shape, dtype=np.int64)
+    mids = (centroids[1:] + centroids[:-1]) / 2
+    return np.searchsorted(mids, values, side="left").astype(np.int64)
+
+
+def cluster_values(values: np.ndarray, config: CodebookConfig) -> Clustering1D:
+    """Centroids (ascending) and labels of ``values`` under ``config``'s method.
+
+    * ``kmeans``: optimal 1-D k-means with ``config.clusters`` centroids.
+    * ``gmm``: the means of a ``config.clusters``-component Gaussian mixture; each weight takes the
+      *nearest* mean (not its most responsible component: a broad component would otherwise
+      capture large weights on both tails and snap them to its mean, even across zero).
+    * ``dbscan``: DBSCAN (``eps = dbscan_eps * std(values)``, a core point needs 0.1% of the
+      values within eps) chooses k, its number of clusters (noise not counted, at most
+      ``config.clusters``), and the optimal k-means places that many centroids, every value
+      (noise too) taking the nearest. DBSCAN's own cluster means are poor codebooks for the
+      unimodal weights of trained layers: one dense run spans most of the range, and its mean
+      would replace all of it (measured on digits: 99% -> 10% accuracy). Where the weights are
+      multimodal (separated modes), the k-means centroids are the DBSCAN cluster means. Fewer
+      than two clusters (the usual case for dense layers at larger eps) fall back to k-means
+      with ``config.clusters`` centroids.
+    """
+    if values.size == 0:
+        return Clustering1D(np.zeros(1), np.zeros(0, dtype=np.int64))
+    if config.method == "kmeans":
+        return kmeans_1d(values, config.clusters)
+    if config.method == "gmm":
+        clustering, _ = gmm_1d(values, config.clusters)
+        return Clustering1D(clustering.centroids, nearest_sorted(values, clustering.centroids))
+    return _dbscan(values, config)
+
+
+def _dbscan(values: np.ndarray, config: CodebookConfig) -> Clustering1D:
+    std = float(values.std())
+    min_samples = max(_DBSCAN_MIN_SAMPLES, math.ceil(_DBSCAN_MIN_FRACTION * values.size))
+    found = dbscan_1d(values, config.dbscan_eps * std, min_samples).k if std > 0 else 0
+    return kmeans_1d(values, min(found, config.clusters) if found >= 2 else config.clusters)
+
+
+def _indices_for(layer: CConv2d | CLinear, labels: np.ndarray) -> Tensor:
+    """Weight-shaped int64 indices: ``labels`` at the kept positions, 0 at the pruned ones."""
+    idx = torch.zeros(layer.weight.numel(), dtype=torch.int64)
+    lab = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+    if layer.mask is None:
+        idx = lab
+    else:
+        idx[layer.mask.detach().cpu().reshape(-1)] = lab
+    return idx.reshape(layer.weight.shape).to(layer.weight.device)
+
+
+def layer_codebook(layer: CConv2d | CLinear, config: CodebookConfig) -> CodebookRepr:
+    """A per-layer codebook fitted to the layer's kept weights."""
+    c = cluster_values(kept_values(layer), config)
+    return CodebookRepr.build(torch.from_numpy(c.centroids).float(), _indices_for(layer, c.labels),
+                              counts=member_counts(c.labels, c.k))
+
+
+def global_codebooks(layers: list[tuple[str, CConv2d | CLinear]], config: CodebookConfig,
+                     share: str = GLOBAL_SHARE) -> dict[str, CodebookRepr]:
+    """One codebook fitted to the kept weights of all ``layers`` together, shared by all of them
+    (one Parameter object; the codec stores it once under ``share``)."""
+    parts = [kept_values(layer) for _, layer in layers]
+    if not parts:
+        return {}
+    c = cluster_values(np.concatenate(parts), config)
+    centroids = nn.Parameter(torch.from_numpy(c.centroids).float())
+    counts = member_counts(c.labels, c.k)
+    out, start = {}, 0
+    for (path, layer), part in zip(layers, parts, strict=True):
+        labels = c.labels[start : start + part.size]
+        start += part.size
+        out[path] = CodebookRepr.build(centroids, _indices_for(layer, labels), share=share, counts=counts)
+    return out
+
+
+# ---------------------------------------------------------------------------- technique
+
+
+@dataclass(frozen=True)
+class CodebookConfig(TechniqueConfig):
+    """Codebook (weight-sharing) quantization.
+
+    Attributes:
+        method: ``"kmeans"`` (optimal 1-D k-means), ``"gmm"`` (Gaussian-mixture means) or
+            ``"dbscan"`` (density clusters; see :func:`cluster_values`).
+        clusters: Codebook entries k, 2..256 (indices take ``ceil(log2 k)`` bits). For DBSCAN
+            the upper bound on the clusters it finds and the k of its k-means fallback.
+        scope: ``"layer"`` (a codebook per layer) or ``"global"`` (one for every layer that is
+            not protected, stored once).
+        dbscan_eps: DBSCAN's neighbourhood radius as a fraction of the weights' standard
+            deviation (used by ``method="dbscan"`` only).
+    """
+
+    method: str = "kmeans"
+    clusters: int = 16
+    scope: str = "layer"
+    dbscan_eps: float = 0.05
+
+    def validate(self) -> None:
+        """Check names and ranges."""
+        check(self.method in METHODS, f"codebook.method must be one of {METHODS}, got {self.method!r}")
+        check(2 <= self.clusters <= 256, f"codebook.clusters must be in 2..256, got {self.clusters}")
+        check(self.scope in SCOPES, f"codebook.scope must be one of {SCOPES}, got {self.scope!r}")
+        check(0 < self.dbscan_eps <= 10, f"codebook.dbscan_eps must be in (0, 10] (a fraction of the weight std), got {self.dbscan_eps}")
+
+
+@register_technique
+class Codebook(Technique):
+    """Codebook quantization by 1-D k-means, GMM or DBSCAN, with centroid fine-tuning."""
+
+    name = "codebook"
+    stage = "weights"
+    family = "codebook"
+    config_cls = CodebookConfig
+
+    def family_of(self, config: TechniqueConfig) -> str:
+        """The clustering method (``kmeans``, ``gmm``, ``dbscan``) as the chart label."""
+        assert isinstance(config, CodebookConfig)
+        return config.method
+
+    def suggest(self, trial: optuna.Trial, prefix: str) -> CodebookConfig:
+        """Method, k (log scale, 2..256), scope; DBSCAN's eps only when the method is DBSCAN."""
+        method = trial.suggest_categorical(f"{prefix}.method", list(METHODS))
+        clusters = trial.suggest_int(f"{prefix}.clusters", 2, 256, log=True)
+        scope = trial.suggest_categorical(f"{prefix}.scope", list(SCOPES))
+        eps = CodebookConfig.dbscan_eps
+        if method == "dbscan":
+            eps = trial.suggest_float(f"{prefix}.dbscan_eps", 0.005, 1.0, log=True)
+        return CodebookConfig(method=method, clusters=clusters, scope=scope, dbscan_eps=eps)
+
+    def apply(self, model: nn.Module, config: TechniqueConfig, ctx: ApplyContext) -> None:
+        """Fit codebooks to the kept weights and install them (protected layers: int8 if k < 256)."""
+        assert isinstance(config, CodebookConfig)
+        bits = index_bits(config.clusters)
+        shared: dict[str, CodebookRepr] = {}
+        if config.scope == "global":
+            protected = ctx.policy.protected_paths(model) if bits < PROTECTED_BITS else set()
+            layers = [(p, m) for p, m in compressed_layers(model) if p not in protected]
+            shared = global_codebooks(layers, config)
+        set_weight_repr(model, ctx, lambda path, layer: shared.get(path) or layer_codebook(layer, config), bits)
+
+    def finalize(self, model: nn.Module, config: TechniqueConfig) -> None:
+        """Snap the shadow weights onto their centroids."""
+        snap_weights(model)
+
+    def settings(self) -> list[TechniqueConfig]:
+        """k-means per layer with k = 64, 16, 8, 4, 2."""
+        return [CodebookConfig(clusters=k) for k in (64, 16, 8, 4, 2)]
+
+    def moderate(self) -> TechniqueConfig:
+        """k-means, 16 entries per layer (4-bit indices)."""
+        return CodebookConfig(method="kmeans", clusters=16, scope="layer")

@@ -1,0 +1,59 @@
+"""Shared plumbing of the weight-representation techniques (not a technique itself)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from spaces.layers import (
+    CConv2d,
+    CLinear,
+    WeightRepr,
+    compress_layer,
+    prunable_layers,
+    replace_module,
+)
+from spaces.policy import PROTECTED_BITS
+from spaces.registry import ApplyContext
+
+ReprFactory = Callable[[str, CConv2d | CLinear], WeightRepr]
+
+
+def compressed_layers(model: nn.Module) -> list[tuple[str, CConv2d | CLinear]]:
+    """Every conv/linear of ``model`` converted to its compressed twin (in place), in order."""
+    out = []
+    for path, layer in prunable_layers(model):
+        c = compress_layer(layer)
+        if c is not layer:
+            replace_module(model, path, c)
+        out.append((path, c))
+    return out
+
+
+def set_weight_repr(model: nn.Module, ctx: ApplyContext, make: ReprFactory, bits: float) -> None:
+    """Give every conv/linear layer the representation ``make(path, layer)``.
+
+    Layers the policy protects keep at least ``PROTECTED_BITS`` bits: where ``bits`` is lower
+    they get per-channel int8 instead.
+    """
+    from spaces.intk import IntRepr  # the protected layers' representation
+
+    protected = ctx.policy.protected_paths(model)
+    for path, layer in compressed_layers(model):
+        if path in protected and bits < PROTECTED_BITS:
+            layer.weight_repr = IntRepr.fit(layer.weight.detach(), bits=PROTECTED_BITS, mask=layer.mask)
+        else:
+            layer.weight_repr = make(path, layer)
+        layer.weight_repr.to(layer.weight.device)
+
+
+@torch.no_grad()
+def snap_weights(model: nn.Module) -> None:
+    """Replace each compressed layer's shadow weight by its effective value (``finalize``)."""
+    for m in model.modules():
+        if isinstance(m, CConv2d | CLinear) and m.weight_repr is not None:
+            m.weight.copy_(m.weight_repr.snap(m.weight))
+            if m.mask is not None:
+                m.weight.mul_(m.mask)

@@ -1,0 +1,457 @@
+"""Soft weight-sharing (Ullrich, Meeds & Welling 2017, "Soft Weight-Sharing for Neural Network
+Compression").
+
+During the fine-tune the full-precision weights train freely under an extra loss: the negative
+log-likelihood of the weights under a learned Gaussian-mixture prior,
+
+    p(w) = sum_j pi_j N(w | mu_j, sigma_j^2),   j = 0..k-1,
+
+whose component 0 sits at zero with a *fixed* mixing weight ``pi_zero`` (it is what turns weights
+into zeros), and whose other means, variances and mixing weights are learned with the network.
+The prior is training-only state: it lives in the technique's training hook, never in the model.
+``finalize`` merges components that have come together, snaps every weight to the mean of its most
+likely component (the zero component to exactly 0) and installs the final representation: a mask
+of the non-zero weights (stored as sparse positions) and one global codebook of the non-zero means
+(:class:`spaces.codebook.CodebookRepr`, short indices at the kept positions).
+
+Our choices where the paper leaves room or assumes a long retraining:
+
+* ``pi_zero`` defaults to 0.7, not the paper's 0.999: with a few epochs of fine-tuning the weights
+  cannot migrate to zero, and a prior that insists on 99.9% zeros prunes at the final snap what
+  training never moved (accuracy collapses).
+* Initialisation: the optimal 1-D k-means of the weights with k clusters; the cluster nearest zero
+  becomes the zero component, the others give the initial means, variances and mixing logits
+  (proportional to their sizes).
+* The prior works in units of ``s``, the standard deviation of its weights at ``apply``: means are
+  stored as ``mu / s`` and log-variances as ``log(sigma^2 / s^2)``, so its learning rates mean the
+  same on every model. Variance collapse is prevented by clamping each standard deviation to
+  [0.05 s, s] (instead of the paper's Gamma hyperpriors, which need a long run to act).
+* Learning rates of the prior (the paper's, for Adam): means 5e-4, log-variances 3e-3, mixing
+  logits 3e-3; the network keeps the fine-tune's optimizer and learning rate.
+* The complexity loss is ``tau(step) * (-log p(w)) / n`` with ``n`` the number of weights under
+  the prior (a per-weight average, so ``tau`` is comparable across models), ``tau(step)`` rising
+  linearly from 0 over the first ``warmup`` fraction of the fine-tune.
+* The negative log-likelihood is evaluated in chunks by a custom autograd function whose backward
+  recomputes each chunk: no (weights x components) tensor is ever held (ResNet-18's 11M weights x
+  16 components would be 0.7 GB per saved intermediate).
+* Snapping considers, for each weight, only the two components whose means bracket it (zero
+  counted as a mean): a broad component must not capture a large weight on the far side of zero.
+
+Layers the policy protects are not under the prior (they are neither pruned nor shared): they get
+per-channel int8 at ``apply``.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from torch import Tensor, nn
+
+from models.train import TrainHook
+from spaces.cluster1d import kmeans_1d
+from spaces.codebook import CodebookRepr, kept_values, member_counts
+from spaces.intk import IntRepr
+from spaces.layers import CConv2d, CLinear
+from spaces.policy import PROTECTED_BITS
+from spaces.registry import ApplyContext, Technique, TechniqueConfig, check, register_technique
+from spaces.represent import compressed_layers, snap_weights
+
+SHARE = "sws.codebook"  # the codec's key of the one stored copy of the final codebook
+_LOG_2PI = math.log(2 * math.pi)
+_MIN_STD, _MAX_STD = 0.05, 1.0  # clamp of every component's std, in units of s
+_CHUNK_ENTRIES = 1 << 21  # (weights x components) entries evaluated at once (8 MB in fp32)
+
+
+# ------------------------------------------------------------------------ mixture likelihood
+
+
+def _chunk_log_joint(x: Tensor, mu: Tensor, logvar: Tensor, logpi: Tensor) -> tuple[Tensor, Tensor]:
+    """``log pi_j + log N(x | mu_j, var_j)`` for a chunk (n, k), and ``(x - mu_j) / var_j``."""
+    diff = x[:, None] - mu
+    scaled = diff * torch.exp(-logvar)
+    return logpi - 0.5 * (_LOG_2PI + logvar) - 0.5 * diff * scaled, scaled
+
+
+def _chunk_size(k: int, chunk: int | None) -> int:
+    return chunk if chunk is not None else max(1024, _CHUNK_ENTRIES // max(k, 1))
+
+
+class _MixtureNLL(torch.autograd.Function):
+    """``-sum_i log sum_j pi_j N(w_i | mu_j, var_j)`` over the kept entries of ``w``, chunked.
+
+    Only the inputs are saved; the backward recomputes each chunk's responsibilities, so the
+    memory beyond the inputs is one chunk's (n, k) temporaries.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, w: Tensor, mu: Tensor, logvar: Tensor, logpi: Tensor,  # noqa: D102
+                mask: Tensor | None, chunk: int) -> Tensor:
+        flat = w.detach().reshape(-1)
+        keep = None if mask is None else mask.reshape(-1)
+        total = torch.zeros((), dtype=torch.float64, device=w.device)
+        with torch.no_grad():
+            for start in range(0, flat.numel(), chunk):
+                x = flat[start : start + chunk].float()
+                if keep is not None:
+                    x = x[keep[start : start + chunk]]
+                lp, _ = _chunk_log_joint(x, mu.float(), logvar.float(), logpi.float())
+                total += torch.logsumexp(lp, 1).sum(dtype=torch.float64)
+        ctx.save_for_backward(w, mu, logvar, logpi, mask if mask is not None else torch.empty(0))
+        ctx.has_mask, ctx.chunk = mask is not None, chunk
+        return (-total).to(torch.float32)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
+        w, mu, logvar, logpi, mask = ctx.saved_tensors
+        flat = w.detach().reshape(-1)
+        keep = mask.reshape(-1) if ctx.has_mask else None
+        mu32, lv32, lp32 = mu.detach().float(), logvar.detach().float(), logpi.detach().float()
+        g_w = torch.zeros(flat.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[0] else None
+        g_mu, g_lv, g_pi = (torch.zeros_like(mu32) for _ in range(3))
+        with torch.no_grad():
+            for start in range(0, flat.numel(), ctx.chunk):
+                stop = min(start + ctx.chunk, flat.numel())
+                x = flat[start:stop].float()
+                sel = None if keep is None else keep[start:stop]
+                if sel is not None:
+                    x = x[sel]
+                lp, scaled = _chunk_log_joint(x, mu32, lv32, lp32)
+                r = torch.softmax(lp, 1)  # responsibilities
+                rs = r * scaled
+                g_mu -= rs.sum(0)
+                g_lv += 0.5 * (r - rs * (x[:, None] - mu32)).sum(0)
+                g_pi -= r.sum(0)
+                if g_w is not None:
+                    gx = rs.sum(1)
+                    if sel is None:
+                        g_w[start:stop] = gx
+                    else:
+                        g_w[start:stop][sel] = gx
+        g = grad.float()
+        out_w = None if g_w is None else (g_w * g).reshape(w.shape).to(w.dtype)
+        return out_w, (g_mu * g).to(mu.dtype), (g_lv * g).to(logvar.dtype), (g_pi * g).to(logpi.dtype), None, None
+
+
+def mixture_nll(w: Tensor, mu: Tensor, logvar: Tensor, logpi: Tensor, mask: Tensor | None = None,
+                chunk: int | None = None) -> Tensor:
+    """Negative log-likelihood (summed) of the entries of ``w`` (those in ``mask``) under the
+    mixture with means ``mu``, log-variances ``logvar`` and log mixing weights ``logpi`` (all
+    (k,)), evaluated ``chunk`` weights at a time (default: about 2M weight-component pairs)."""
+    return _MixtureNLL.apply(w, mu, logvar, logpi, mask, _chunk_size(mu.numel(), chunk))
+
+
+def mixture_nll_reference(w: Tensor, mu: Tensor, logvar: Tensor, logpi: Tensor,
+                          mask: Tensor | None = None) -> Tensor:
+    """The same as :func:`mixture_nll`, computed naively with a full (weights x components)
+    tensor (for tests and small inputs)."""
+    x = w.reshape(-1) if mask is None else w.reshape(-1)[mask.reshape(-1)]
+    var = torch.exp(logvar)
+    lp = logpi - 0.5 * (_LOG_2PI + logvar) - (x[:, None] - mu) ** 2 / (2 * var)
+    return -torch.logsumexp(lp, 1).sum()
+
+
+# ------------------------------------------------------------------------------------ prior
+
+
+class MixturePrior(nn.Module):
+    """The Gaussian-mixture prior, in units of ``scale`` (see the module doc).
+
+    Component 0 is the zero component (mean 0, mixing weight ``pi_zero``, learned variance);
+    components 1..k-1 have learned means, log-variances and mixing logits.
+    """
+
+    def __init__(self, means: Tensor, logvars: Tensor, logits: Tensor, pi_zero: float, scale: float) -> None:
+        super().__init__()
+        self.means = nn.Parameter(means.float().clone())  # (k-1,), units of scale
+        self.logvars = nn.Parameter(logvars.float().clone())  # (k,), log(var / scale^2)
+        self.logits = nn.Parameter(logits.float().clone())  # (k-1,)
+        self.pi_zero, self.scale = float(pi_zero), float(scale)
+
+    @classmethod
+    def fit(cls, values: np.ndarray, components: int, pi_zero: float) -> MixturePrior:
+        """Initialise from the optimal 1-D k-means of ``values`` (the prior's weights)."""
+        scale = float(values.std()) if values.size > 1 and values.std() > 0 else 1.0
+        x = values / scale
+        c = kmeans_1d(x, components) if x.size else None
+        if c is None or c.k < 2:  # degenerate input: spread the means evenly
+            centroids = np.linspace(-2.0, 2.0, components)
+            counts, var = np.ones(components), np.full(components, 0.1)
+        else:
+            centroids, labels = c.centroids, c.labels.astype(np.int64)
+            counts = np.bincount(labels, minlength=c.k).astype(np.float64)
+            sq = np.bincount(labels, weights=(x - centroids[labels]) ** 2, minlength=c.k)
+            var = sq / np.maximum(counts, 1)
+        zero = int(np.argmin(np.abs(centroids)))
+        others = np.arange(centroids.size) != zero
+        logvar = np.log(np.clip(var, _MIN_STD**2, _MAX_STD**2))
+        logvars = np.concatenate([[logvar[zero]], logvar[others]])
+        logits = np.log(np.maximum(counts[others], 1.0))
+        return cls(torch.from_numpy(centroids[others]), torch.from_numpy(logvars),
+                   torch.from_numpy(logits), pi_zero, scale)
+
+    @property
+    def k(self) -> int:
+        """Components, the zero component included."""
+        return int(self.logvars.numel())
+
+    def components(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Means, log-variances and log mixing weights of all components in weight units (each
+        (k,), component 0 the zero component), differentiable w.r.t. the parameters."""
+        zero = self.means.new_zeros(1)
+        mu = torch.cat([zero, self.means]) * self.scale
+        lv = self.logvars.clamp(2 * math.log(_MIN_STD), 2 * math.log(_MAX_STD)) + 2 * math.log(self.scale)
+        logpi = torch.cat([zero + math.log(self.pi_zero),
+                           math.log1p(-self.pi_zero) + torch.log_softmax(self.logits, 0)])
+        return mu, lv, logpi
+
+    def nll(self, weights: list[tuple[Tensor, Tensor | None]], chunk: int | None = None) -> Tensor:
+        """Summed negative log-likelihood of the kept entries of every ``(weight, mask)``."""
+        mu, lv, logpi = self.components()
+        total = mu.new_zeros(())
+        for w, mask in weights:
+            total = total + mixture_nll(w, mu, lv, logpi, mask, chunk)
+        return total
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """A fitted mixture as plain arrays (weight units): zero component first, ``mu[0] == 0``."""
+
+    mu: np.ndarray
+    var: np.ndarray
+    pi: np.ndarray
+
+    @classmethod
+    def of(cls, prior: MixturePrior) -> Mixture:
+        """The prior's current components."""
+        with torch.no_grad():
+            mu, lv, logpi = (t.detach().double().cpu().numpy() for t in prior.components())
+        return cls(mu, np.exp(lv), np.exp(logpi))
+
+    def merged(self, threshold: float) -> Mixture:
+        """Repeatedly merge the two adjacent components (by mean) that are closest relative to
+        the larger of their standard deviations, while that distance is below ``threshold``.
+        A merge matches the first two moments; a merge with the zero component stays at zero."""
+        mu, var, pi = list(self.mu), list(self.var), list(self.pi)
+        while len(mu) > 1:
+            order = sorted(range(len(mu)), key=lambda i: mu[i])
+            gaps = [(abs(mu[b] - mu[a]) / math.sqrt(max(var[a], var[b])), a, b)
+                    for a, b in zip(order, order[1:], strict=False)]
+            gap, a, b = min(gaps)
+            if gap >= threshold:
+                break
+            if b == 0:
+                a, b = b, a  # keep the zero component's slot
+            p = pi[a] + pi[b]
+            m = 0.0 if a == 0 else (pi[a] * mu[a] + pi[b] * mu[b]) / p
+            second = (pi[a] * (var[a] + mu[a] ** 2) + pi[b] * (var[b] + mu[b] ** 2)) / p
+            mu[a], var[a], pi[a] = m, max(second - m * m, 1e-30), p
+            del mu[b], var[b], pi[b]
+        return Mixture(np.array(mu), np.array(var), np.array(pi))
+
+    def assign(self, values: np.ndarray) -> np.ndarray:
+        """For each value, the more likely of the two components whose means bracket it."""
+        order = np.argsort(self.mu, kind="stable")
+        mu, var, logpi = self.mu[order], self.var[order], np.log(self.pi[order])
+        hi = np.clip(np.searchsorted(mu, values), 0, mu.size - 1)
+        lo = np.clip(hi - 1, 0, mu.size - 1)
+
+        def score(j: np.ndarray) -> np.ndarray:
+            return logpi[j] - 0.5 * np.log(var[j]) - (values - mu[j]) ** 2 / (2 * var[j])
+
+        best = np.where(score(lo) >= score(hi), lo, hi)
+        return order[best]
+
+
+# ------------------------------------------------------------------------------ technique
+
+
+@dataclass(frozen=True)
+class SWSConfig(TechniqueConfig):
+    """Soft weight-sharing.
+
+    Attributes:
+        components: Mixture components k, the zero component included, 4..64. The final codebook
+            has at most k-1 entries (``ceil(log2(k-1))``-bit indices).
+        pi_zero: Fixed mixing weight of the zero component (0.5..0.999): the prior belief that a
+            weight is zero; higher prunes more.
+        tau: Weight of the complexity loss (per-weight negative log-likelihood of the prior).
+        warmup: Fraction of the fine-tune over which ``tau`` rises linearly from 0.
+        lr_means: Learning rate of the component means (units of the weight std).
+        lr_logvar: Learning rate of the log-variances.
+        lr_mixing: Learning rate of the mixing logits.
+        merge: Components whose means are closer than this many of the larger standard deviation
+            are merged at ``finalize``.
+    """
+
+    components: int = 16
+    pi_zero: float = 0.7
+    tau: float = 0.02
+    warmup: float = 0.25
+    lr_means: float = 5e-4
+    lr_logvar: float = 3e-3
+    lr_mixing: float = 3e-3
+    merge: float = 0.5
+
+    def validate(self) -> None:
+        """Check ranges."""
+        check(4 <= self.components <= 64, f"sws.components must be in 4..64, got {self.components}")
+        check(0.5 <= self.pi_zero <= 0.999, f"sws.pi_zero must be in [0.5, 0.999], got {self.pi_zero}")
+        check(self.tau >= 0, f"sws.tau must be >= 0, got {self.tau}")
+        check(0 <= self.warmup < 1, f"sws.warmup must be in [0, 1), got {self.warmup}")
+        for name in ("lr_means", "lr_logvar", "lr_mixing"):
+            check(getattr(self, name) >= 0, f"sws.{name} must be >= 0, got {getattr(self, name)}")
+        check(self.merge >= 0, f"sws.merge must be >= 0, got {self.merge}")
+
+
+@dataclass
+class _State:
+    """What ``apply`` leaves for ``hooks`` and ``finalize``: the prior and the layers under it."""
+
+    prior: MixturePrior
+    layers: list[CConv2d | CLinear]
+
+
+# Keyed by model, so the prior stays out of the model (it is training-only state) and dies with it.
+_STATES: weakref.WeakKeyDictionary[nn.Module, _State] = weakref.WeakKeyDictionary()
+
+
+def _prior_weights(layers: list[CConv2d | CLinear]) -> list[tuple[Tensor, Tensor | None]]:
+    return [(m.weight, m.mask) for m in layers]
+
+
+class SWSHook(TrainHook):
+    """The prior's parameter groups and the complexity loss ``tau(step) * NLL / n``."""
+
+    def __init__(self, state: _State, config: SWSConfig) -> None:
+        self.state, self.config = state, config
+        self._n: int | None = None
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Means, log-variances and mixing logits, each with its own learning rate (no decay)."""
+        prior = self.state.prior
+        device = next((m.weight.device for m in self.state.layers), torch.device("cpu"))
+        prior.to(device)
+        c = self.config
+        return [
+            {"params": [prior.means], "lr": c.lr_means, "weight_decay": 0.0},
+            {"params": [prior.logvars], "lr": c.lr_logvar, "weight_decay": 0.0},
+            {"params": [prior.logits], "lr": c.lr_mixing, "weight_decay": 0.0},
+        ]
+
+    def tau(self, step: int, total_steps: int) -> float:
+        """The complexity weight at ``step``: linear warm-up, then ``config.tau``."""
+        warm = self.config.warmup * total_steps
+        return self.config.tau * (min(1.0, (step + 1) / warm) if warm >= 1 else 1.0)
+
+    def loss(self, model: nn.Module, step: int, total_steps: int) -> Tensor | None:
+        """``tau(step)`` times the prior's negative log-likelihood per weight."""
+        weights = _prior_weights(self.state.layers)
+        if self._n is None:  # counted once: a per-step count would synchronise the GPU
+            self._n = sum(int(w.numel() if m is None else m.sum()) for w, m in weights)
+        if self._n == 0 or self.config.tau == 0:
+            return None
+        return self.tau(step, total_steps) * self.state.prior.nll(weights) / self._n
+
+
+def _kept(layer: CConv2d | CLinear) -> np.ndarray:
+    return kept_values(layer)
+
+
+@register_technique
+class SoftWeightSharing(Technique):
+    """Soft weight-sharing: a learned Gaussian-mixture prior during fine-tuning, then a snap to
+    its means (zero component -> pruned) and a global codebook."""
+
+    name = "sws"
+    stage = "weights"
+    family = "sws"
+    config_cls = SWSConfig
+
+    def suggest(self, trial: optuna.Trial, prefix: str) -> SWSConfig:
+        """Components (log scale), tau (log scale) and pi_zero; the rest at their defaults."""
+        return SWSConfig(
+            components=trial.suggest_int(f"{prefix}.components", 4, 64, log=True),
+            tau=trial.suggest_float(f"{prefix}.tau", 1e-3, 1.0, log=True),
+            pi_zero=trial.suggest_float(f"{prefix}.pi_zero", 0.5, 0.99),
+        )
+
+    def apply(self, model: nn.Module, config: TechniqueConfig, ctx: ApplyContext) -> None:
+        """Wrap the layers, give protected ones int8, and fit the prior to the others' weights."""
+        assert isinstance(config, SWSConfig)
+        protected = ctx.policy.protected_paths(model)
+        layers = []
+        for path, layer in compressed_layers(model):
+            if path in protected:
+                layer.weight_repr = IntRepr.fit(layer.weight.detach(), bits=PROTECTED_BITS, mask=layer.mask)
+                layer.weight_repr.to(layer.weight.device)
+            else:
+                layers.append(layer)
+        _STATES[model] = _State(self._fit_prior(layers, config), layers)
+
+    @staticmethod
+    def _fit_prior(layers: list[CConv2d | CLinear], config: SWSConfig) -> MixturePrior:
+        values = np.concatenate([_kept(m) for m in layers]) if layers else np.zeros(0)
+        return MixturePrior.fit(values, config.components, config.pi_zero)
+
+    def hooks(self, model: nn.Module, config: TechniqueConfig) -> list[TrainHook]:
+        """The prior's hook (parameter groups and complexity loss)."""
+        assert isinstance(config, SWSConfig)
+        return [SWSHook(self._state(model, config), config)]
+
+    def _state(self, model: nn.Module, config: SWSConfig) -> _State:
+        state = _STATES.get(model)
+        if state is None:  # e.g. a deep copy of an applied model: start from its weights
+            layers = [m for _, m in compressed_layers(model) if m.weight_repr is None]
+            state = _STATES[model] = _State(self._fit_prior(layers, config), layers)
+        return state
+
+    def finalize(self, model: nn.Module, config: TechniqueConfig) -> None:
+        """Merge close components, snap each weight to its component's mean (zero -> pruned),
+        and install the mask and a global codebook of the non-zero means."""
+        assert isinstance(config, SWSConfig)
+        state = self._state(model, config)
+        mix = Mixture.of(state.prior).merged(config.merge)
+        assigned = [mix.assign(_kept(m)) for m in state.layers]
+        used = np.unique(np.concatenate(assigned + [np.zeros(0, dtype=np.int64)]))
+        used = used[used != 0]
+        used = used[np.argsort(mix.mu[used])]
+        centroids = mix.mu[used] if used.size else np.zeros(1)
+        remap = np.full(mix.mu.size, -1, dtype=np.int64)
+        remap[used] = np.arange(used.size)
+        shared = nn.Parameter(torch.from_numpy(centroids).float())
+        labels_all = np.concatenate([remap[a][remap[a] >= 0] for a in assigned] + [np.zeros(0, np.int64)])
+        counts = member_counts(labels_all, shared.numel())
+        for layer, comp in zip(state.layers, assigned, strict=True):
+            self._install(layer, remap[comp], shared, counts)
+        snap_weights(model)
+        _STATES.pop(model, None)
+
+    @staticmethod
+    def _install(layer: CConv2d | CLinear, labels: np.ndarray, centroids: nn.Parameter, counts: Tensor) -> None:
+        """Mask the zero-snapped weights and give the layer the shared codebook."""
+        device = layer.weight.device
+        old = layer.mask.detach().cpu().reshape(-1) if layer.mask is not None else torch.ones(layer.weight.numel(), dtype=torch.bool)
+        lab = torch.from_numpy(labels)
+        kept = torch.zeros_like(old)
+        kept[old] = lab >= 0
+        idx = torch.zeros(layer.weight.numel(), dtype=torch.int64)
+        idx[kept] = lab[lab >= 0]
+        layer.set_mask(kept.reshape(layer.weight.shape).to(device))
+        layer.weight_repr = CodebookRepr.build(centroids, idx.reshape(layer.weight.shape).to(device),
+                                               share=SHARE, counts=counts)
+        layer.weight_repr.to(device)
+
+    def settings(self) -> list[TechniqueConfig]:
+        """32, 16, 8, 4 components."""
+        return [SWSConfig(components=k) for k in (32, 16, 8, 4)]
+
+    def moderate(self) -> TechniqueConfig:
+        """16 components (at most 15 non-zero shared values, 4-bit indices) and the defaults."""
+        return SWSConfig(components=16)

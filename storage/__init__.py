@@ -1,0 +1,1 @@
+"""The compressed-artifact codec, study storage and the artifact store."""
