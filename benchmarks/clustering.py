@@ -246,7 +246,7 @@ def bench_dbscan(x: np.ndarray) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def header(seconds: float) -> str:
+def header(seconds: float, load: tuple[float, float]) -> str:
     cpu = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -259,19 +259,26 @@ def header(seconds: float) -> str:
         [
             "## 1-D weight clustering (`spaces/cluster1d.py`) vs scikit-learn",
             "",
-            "Command: `python benchmarks/clustering.py` (whole run "
-            f"{seconds / 60:.1f} min), {datetime.date.today().isoformat()}.",
-            f"Machine: {os.cpu_count()} CPU cores ({cpu}), no GPU; Python "
+            f"- Command: `python benchmarks/clustering.py`, {datetime.date.today().isoformat()}, "
+            f"whole run {seconds / 60:.1f} min.",
+            f"- Machine: {os.cpu_count()} CPU cores ({cpu}), no GPU; Python "
             f"{platform.python_version()}, numpy {np.__version__}, scikit-learn "
             f"{sklearn.__version__}. scikit-learn runs its OpenMP/BLAS threads on both cores; "
             "`spaces.cluster1d` is single-threaded numpy.",
-            f"Data: {N:,} float32 values (ResNet-18's parameter count), 20 seeded layers of "
-            "Student-t (df=4) or Laplace values with scales 0.005..0.05. Our times are the median "
-            f"of {REPEATS} calls (the cold first call is shown where it differs); scikit-learn's "
-            "are single runs. SSE is recomputed in float64 for both sides; LL is the mean "
-            "log-likelihood per value (scikit-learn's `score`). scikit-learn's GMMs use "
-            "`reg_covar` = gmm_1d's variance floor (1e-6 x data variance) instead of its absolute "
-            "default 1e-6, which is as large as these weights' variances.",
+            "- The machine is shared with other jobs: 1-minute load average "
+            f"{load[0]:.1f} at the start and {load[1]:.1f} at the end of the run (2.0 = both "
+            "cores busy). Absolute times carry that noise; each ratio compares runs made "
+            "minutes apart in the same process.",
+            f"- Data: {N:,} float32 values (ResNet-18's parameter count), 20 seeded layers of "
+            "Student-t (df=4) or Laplace values with scales 0.005..0.05.",
+            f"- Our times are the median of {REPEATS} calls (cold first call shown where it "
+            "matters); scikit-learn's are single runs. SSE is recomputed in float64 for both "
+            "sides; LL is the mean log-likelihood per value (scikit-learn's `score`).",
+            "- scikit-learn's GMMs use `reg_covar` = gmm_1d's variance floor (1e-6 x data "
+            "variance) rather than its absolute default 1e-6, which is comparable to the "
+            "variances of the narrow central components of weights and would cost it "
+            "log-likelihood.",
+            "",
             "",
         ]
     )
@@ -279,7 +286,7 @@ def header(seconds: float) -> str:
 
 def main() -> None:
     warnings.simplefilter("ignore", ConvergenceWarning)
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), os.getloadavg()[0]
     log("generating weights")
     x = synthetic_weights()
     rows = ["| task | method | time | quality | notes |", "|---|---|---|---|---|"]
@@ -288,7 +295,8 @@ def main() -> None:
     rows += bench_gmm(x)
     gc.collect()
     rows += bench_dbscan(x)
-    text = header(time.perf_counter() - start) + "\n".join(rows) + "\n"
+    load = (load_start, os.getloadavg()[0])
+    text = header(time.perf_counter() - start, load) + "\n".join(rows) + "\n"
     print(text)
     OUT.write_text(text)
     log(f"wrote {OUT}")

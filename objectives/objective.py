@@ -28,6 +28,7 @@ from objectives.size import bitops
 from spaces.plan import Plan, StudySpace, suggest_plan
 from spaces.policy import LayerPolicy
 
+STOPPED_AS = ("pruned", "complete")
 OBJECTIVES = {"acc": ("val_accuracy", "maximize"), "ratio": ("compression_ratio", "maximize"), "bitops": ("bitops", "minimize")}
 StopFactory = Callable[[optuna.Trial, str, float, int], TrainHook | None]
 
@@ -79,6 +80,21 @@ def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
     return all(c <= 0 for c in constraints_of(trial))
 
 
+def is_exportable(trial: optuna.trial.FrozenTrial) -> bool:
+    """True for a COMPLETE, feasible trial that trained its full budget.
+
+    A stopped trial recorded COMPLETE with its partial values (``stopped_as="complete"``, marked
+    by the user attribute ``stopped_at_epoch``) informs the sampler but never enters the front:
+    applying its plan trains the full budget, so its recorded point is not reproducible.
+    """
+    return (
+        trial.state == optuna.trial.TrialState.COMPLETE
+        and trial.values is not None
+        and "stopped_at_epoch" not in trial.user_attrs
+        and is_feasible(trial)
+    )
+
+
 class Objective:
     """Callable objective for ``study.optimize``."""
 
@@ -95,7 +111,13 @@ class Objective:
         finetune_space: dict[str, tuple[float, float]] | None = None,
         seed: int = 0,
         log: Callable[[str], None] | None = None,
+        stopped_as: str = "pruned",
     ) -> None:
+        if stopped_as not in STOPPED_AS:
+            from models.errors import UserError
+
+            raise UserError(f"stopped_as {stopped_as!r} is not valid; use {' or '.join(STOPPED_AS)}")
+        self.stopped_as = stopped_as
         self.bench, self.space, self.objectives = bench, space, objectives
         self.constraints = constraints or Constraints()
         self.stopper, self.artifact_store = stopper, artifact_store
@@ -132,8 +154,10 @@ class Objective:
         trial.set_user_attr("constraints", violations or [0.0])
         if outcome.stopped:
             trial.set_user_attr("stopped_at_epoch", outcome.epochs)
-            raise optuna.TrialPruned(f"stopped after epoch {outcome.epochs}: dominated by a finished trial")
-        self._upload(trial, outcome)
+            if self.stopped_as == "pruned":
+                raise optuna.TrialPruned(f"stopped after epoch {outcome.epochs}: dominated by a finished trial")
+        else:
+            self._upload(trial, outcome)  # a stopped trial is never exported: no artifact
         values: list[float] = [outcome.val_accuracy, outcome.ratio]
         if "bitops" in self.objectives:
             values.append(float(bitops(outcome.model, self.bench.input_shape())))

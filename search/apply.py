@@ -17,22 +17,7 @@ import torch
 from models.errors import UserError, cli_main
 from models.train import evaluate_split
 from objectives.pipeline import Outcome, Workbench, finish, prepare
-from spaces.plan import Plan
-
-
-def read_plan_file(path: str | Path) -> tuple[Plan, dict[str, Any]]:
-    """A plan file written by export (plan + preset + seeds) or a bare plan."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"plan file {p} does not exist")
-    try:
-        record = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"plan file {p} is not valid JSON: {exc}") from None
-    if not isinstance(record, dict):
-        raise UserError(f"plan file {p} must hold a JSON object")
-    plan = Plan.from_dict(record["plan"] if "plan" in record else record)
-    return plan, record if "plan" in record else {}
+from spaces.plan import Plan, read_plan_file
 
 
 def rebuild(plan: Plan, record: dict[str, Any], *, preset: str | None = None, data_dir: str = "data",

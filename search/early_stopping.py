@@ -6,6 +6,11 @@ bounded amount. After each epoch a trial is stopped when a finished, feasible tr
 equal or higher ratio already beats the trial's *optimistic* accuracy: its current accuracy plus
 the largest gain that finished curves of the same family made from that epoch to their end.
 Until enough curves exist the stopper never stops (conservative by construction).
+
+Only trials that trained their full budget count, as references and as curves: a stopped trial
+recorded COMPLETE with partial values (``stopped_as="complete"``) never enters the exported front,
+so stopping in its favour could leave a hole there, and its truncated curve would understate the
+headroom (making stops too eager).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import optuna
 from torch import nn
 
 from models.train import EpochRecord, TrainHook
-from objectives.objective import is_feasible
+from objectives.objective import is_exportable
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,7 @@ class StopHook(TrainHook):
         self.trial.set_user_attr("curve", self.curve)
         finished = [
             t for t in self.trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if t.values is not None and is_feasible(t) and "curve" in t.user_attrs
+            if is_exportable(t) and "curve" in t.user_attrs
         ]
         better = [t.values[0] for t in finished if t.values[1] >= self.ratio]
         if not better:

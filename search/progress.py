@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from objectives.objective import is_feasible
+from objectives.objective import is_exportable, is_feasible
 
 ACCURACY_FLOOR_POINTS = 10.0
 
@@ -45,15 +45,15 @@ def hypervolume(points: Sequence[tuple[float, float]], reference: tuple[float, f
 
 
 def front_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """COMPLETE, feasible trials on the accuracy/ratio Pareto front."""
-    ok = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None and is_feasible(t)]
+    """Exportable trials (COMPLETE, feasible, full budget) on the accuracy/ratio Pareto front."""
+    ok = [t for t in trials if is_exportable(t)]
     idx = pareto_indices([(t.values[0], t.values[1]) for t in ok])
     return sorted((ok[i] for i in idx), key=lambda t: t.values[1])
 
 
 def study_hypervolume(trials: Sequence[FrozenTrial], baseline_accuracy: float) -> float:
-    """Hypervolume of (accuracy, log ratio) with the fixed reference point (see module doc)."""
-    ok = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None and is_feasible(t)]
+    """Hypervolume of (accuracy, log ratio) of the exportable trials, fixed reference (module doc)."""
+    ok = [t for t in trials if is_exportable(t)]
     ref = (baseline_accuracy - ACCURACY_FLOOR_POINTS / 100.0, 0.0)
     return hypervolume([(t.values[0], math.log(t.values[1])) for t in ok if t.values[1] > 0], ref)
 
@@ -86,12 +86,14 @@ def study_stats(study: optuna.Study, baseline_accuracy: float) -> StudyStats:
     trials = study.get_trials(deepcopy=False)
     by = {s: [t for t in trials if t.state == s] for s in TrialState}
     complete = by[TrialState.COMPLETE]
+    # Stopped trials are PRUNED, or COMPLETE with partial values under stopped_as="complete".
+    partial = [t for t in complete if "stopped_at_epoch" in t.user_attrs]
     feasible = [t for t in complete if t.values is not None and is_feasible(t)]
-    near = [t.values[1] for t in feasible if t.values[0] >= baseline_accuracy - 0.01]
+    near = [t.values[1] for t in feasible if is_exportable(t) and t.values[0] >= baseline_accuracy - 0.01]
     return StudyStats(
         done=len(complete) + len(by[TrialState.PRUNED]),
         running=len(by[TrialState.RUNNING]),
-        stopped=len(by[TrialState.PRUNED]),
+        stopped=len(by[TrialState.PRUNED]) + len(partial),
         failed=len(by[TrialState.FAIL]),
         infeasible=len(complete) - len(feasible),
         front=len(front_trials(complete)),

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-early-stopping", action="store_true", help="never stop a trial early")
     p.add_argument("--tune-finetune", action="store_true", help="also search the fine-tune epochs (1..2x the preset's) and learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of the baseline, the splits and the samplers (default: 0)")
+    # Experimental (benchmarks/stopped_trials.py): record a stopped trial PRUNED (default) or
+    # COMPLETE with its partial values (informs the sampler; never exported).
+    p.add_argument("--stopped-as", default="pruned", choices=("pruned", "complete"), help=argparse.SUPPRESS)
     p.add_argument("--wandb", action="store_true", help="log every trial to Weights & Biases (WANDB_MODE=offline works)")
     add_worker_args(p)
     return p
@@ -72,7 +75,7 @@ def study_config(args: argparse.Namespace) -> StudyConfig:
         space=args.study, preset=args.preset, dataset=args.dataset, seed=args.seed,
         objectives=parse_objectives(args.objectives), sampler=args.sampler,
         early_stopping=not args.no_early_stopping, max_bytes=args.max_bytes, min_ratio=args.min_ratio,
-        max_accuracy_drop=args.max_accuracy_drop, finetune_space=finetune_space,
+        max_accuracy_drop=args.max_accuracy_drop, finetune_space=finetune_space, stopped_as=args.stopped_as,
     )
 
 
@@ -94,12 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("optuna").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     config = study_config(args)
-    sampler = make_sampler(config.sampler, seed=config.seed * 1000, constraints=config.has_constraints)
+    sampler = make_sampler(config.sampler, seed=config.seed * 1000 + args.worker_index, constraints=config.has_constraints)
     storage = open_storage(args.storage)
     store = args.store or default_store(args.storage)
     log = None if args.quiet else (lambda s: print(s, flush=True))
     bench = Workbench.load(config.preset, dataset=config.dataset, data_dir=args.data_dir, store=store,
-                           seed=config.seed, device=pick_device(args.device, 0), log=log)
+                           seed=config.seed, device=pick_device(args.device, args.worker_index), log=log)
     name = args.name or config.default_name()
     study = create_or_load(name, storage, config, bench, sampler)
     study.set_user_attr(BUDGET_ATTR, args.trials)

@@ -11,7 +11,7 @@ import optuna
 
 from models.baseline import code_version
 from models.errors import UserError
-from objectives.objective import OBJECTIVES, Constraints
+from objectives.objective import OBJECTIVES, STOPPED_AS, Constraints
 from objectives.pipeline import Workbench
 from spaces.plan import get_study_space
 
@@ -33,9 +33,12 @@ class StudyConfig:
     min_ratio: float | None = None
     max_accuracy_drop: float | None = None
     finetune_space: dict[str, list[float]] = field(default_factory=dict)
+    stopped_as: str = "pruned"
 
     def __post_init__(self) -> None:
         get_study_space(self.space)  # raises on an unknown name
+        if self.stopped_as not in STOPPED_AS:
+            raise UserError(f"stopped_as {self.stopped_as!r} is not valid; use {' or '.join(STOPPED_AS)}")
 
     @property
     def constraints(self) -> Constraints:

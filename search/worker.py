@@ -69,6 +69,7 @@ def build_objective(study: optuna.Study, config: StudyConfig, bench: Workbench, 
         finetune_space={k: (v[0], v[1]) for k, v in config.finetune_space.items()} or None,
         seed=config.seed,
         log=log,
+        stopped_as=config.stopped_as,
     )
 
 

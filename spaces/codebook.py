@@ -47,12 +47,12 @@ class _ScaleGrad(torch.autograd.Function):
     """Identity in the forward pass; the backward pass multiplies the gradient by ``scale``."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, scale: Tensor) -> Tensor:  # noqa: D102
+    def forward(ctx: Any, x: Tensor, scale: Tensor) -> Tensor:
         ctx.save_for_backward(scale)
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (scale,) = ctx.saved_tensors
         return grad * scale, None
 
@@ -140,7 +140,7 @@ class CodebookRepr(WeightRepr):
         return self.centroids.detach()[self.indices].float()
 
     def bits_per_weight(self) -> float:
-        """Index bits (the arithmetic runs on decoded centroids, but storage is what BitOPs uses)."""
+        """``ceil(log2 k)``: a weight is one of ``k`` values (the usual BitOPs convention)."""
         return float(index_bits(self.k))
 
 

@@ -101,15 +101,25 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        """Read a plan file (the ``plan`` entry of an export record is accepted too)."""
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"plan file {p} does not exist")
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"plan file {p} is not valid JSON: {exc}") from None
-        return cls.from_dict(d.get("plan", d) if isinstance(d, dict) else d)
+        """Read a plan file (see :func:`read_plan_file`)."""
+        return read_plan_file(path)[0]
+
+
+def read_plan_file(path: str | Path) -> tuple[Plan, dict[str, Any]]:
+    """A plan file: a bare plan, or a record ``{"plan": ..., "preset": ..., ...}`` as export
+    writes it; returns the plan and the record (empty for a bare plan)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"plan file {p} does not exist")
+    try:
+        record = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"plan file {p} is not valid JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise UserError(f"plan file {p} must hold a JSON object")
+    if "plan" in record:
+        return Plan.from_dict(record["plan"]), record
+    return Plan.from_dict(record), {}
 
 
 def apply_plan(model: nn.Module, plan: Plan, ctx: ApplyContext | None = None) -> list[TrainHook]:

@@ -20,9 +20,14 @@ producers) go. The kept count is ``round((1 - ratio) * C)``, at least 1, rounded
 of :data:`ROUND_TO` where ``C >= ROUND_MIN`` (channel counts that are multiples of 8 suit GPU
 kernels; so e.g. 64 channels at ratio 0.3 keep 48, not 45).
 
-Protected layers (the policy's first and last layer) never lose output channels; the first
-layer's input is the model input and never changes. The last layer's *input* channels shrink
-with whatever feeds it.
+Layers the policy protects (by default the first and the last layer, see
+:class:`spaces.policy.LayerPolicy`) never lose output channels; the model's input and output
+channels never change (those spaces are blocked), so the first layer keeps its inputs and the
+classifier its outputs. The classifier's *input* channels shrink with whatever feeds it.
+
+No dependency beyond torch: torch-pruning (DepGraph) makes the same structural decisions on the
+registered models but rounds channel counts differently, and a few hundred lines of fx analysis
+keep the rules in our hands (anything unknown is left alone).
 """
 
 from __future__ import annotations
@@ -436,8 +441,8 @@ def _take(t: Tensor | None, dim: int, idx: Tensor | None) -> Tensor | None:
 
 def _rebuild(m: nn.Module, cut: _Cut) -> nn.Module:
     """A plain module like ``m`` with the cut applied (same device, dtype and train mode)."""
-    w = m.weight
-    factory = {"device": w.device, "dtype": w.dtype} if w is not None else {}
+    ref = next(t for t in (m.weight, getattr(m, "running_mean", None)) if t is not None)
+    factory = {"device": ref.device, "dtype": ref.dtype}
     if isinstance(m, nn.Conv2d):
         weight = _take(_take(m.weight, 0, cut.out), 1, None if cut.depthwise else cut.inp)
         assert weight is not None

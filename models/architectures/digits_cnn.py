@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from models.architectures.init import init_weights
 from models.registry import register_model
 from models.spec import DataSpec
 
@@ -23,17 +24,6 @@ DIGITS_SPEC = DataSpec(
     std=(0.3760,),
     augment=False,
 )
-
-
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 class DigitsCNN(nn.Module):
@@ -55,7 +45,7 @@ class DigitsCNN(nn.Module):
         self.fc1 = nn.Linear(64 * (size // 2) ** 2, 128)
         self.relu4 = nn.ReLU()
         self.fc2 = nn.Linear(128, num_classes)
-        _init_weights(self)
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of shape ``(N, num_classes)`` for images ``x`` of shape ``(N, C, 8, 8)``."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from models.architectures.init import init_weights
 from models.registry import register_model
 from models.spec import DataSpec
 
@@ -25,14 +26,6 @@ MNIST_SPEC = DataSpec(
     std=(0.3081,),
     augment=False,
 )
-
-
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
 
 
 class LeNet300(nn.Module):
@@ -70,7 +63,7 @@ class LeNet5(nn.Module):
         self.fc1 = nn.Linear(50 * 4 * 4, 500)
         self.relu3 = nn.ReLU()
         self.fc2 = nn.Linear(500, num_classes)
-        _init_weights(self)
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of shape ``(N, num_classes)`` for images ``x`` of shape ``(N, C, 28, 28)``."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from models.architectures.cifar_resnet import CIFAR10_SPEC
+from models.architectures.init import init_weights
 from models.registry import register_model
 
 # (expansion, out_planes, num_blocks, stride) per stage.
@@ -26,17 +27,6 @@ CIFAR_CFG: tuple[tuple[int, int, int, int], ...] = (
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 )
-
-
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 class InvertedResidual(nn.Module):
@@ -103,7 +93,7 @@ class MobileNetV2(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)
         self.linear = nn.Linear(1280, num_classes)
-        _init_weights(self)
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of shape ``(N, num_classes)`` for images ``x`` of shape ``(N, C, H, W)``."""

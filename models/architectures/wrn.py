@@ -13,18 +13,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from models.architectures.cifar_resnet import CIFAR10_SPEC
+from models.architectures.init import init_weights
 from models.registry import register_model
-
-
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 class WideBasicBlock(nn.Module):
@@ -84,7 +74,7 @@ class WideResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)
         self.fc = nn.Linear(in_planes, num_classes)
-        _init_weights(self)
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of shape ``(N, num_classes)`` for images ``x`` of shape ``(N, C, H, W)``."""

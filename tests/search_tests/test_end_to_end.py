@@ -13,6 +13,7 @@ from models.errors import UserError
 from search import apply as apply_cli
 from search import export as export_cli
 from search import run as run_cli
+from spaces.plan import read_plan_file
 
 TRIALS = 14
 
@@ -99,4 +100,4 @@ def test_apply_refuses_a_bad_plan_file(tmp_path: Path, capsys) -> None:
         apply_cli.main([str(bad), "--out", str(tmp_path / "m.pcz")])
     assert "unknown technique 'nope'" in capsys.readouterr().err
     with pytest.raises(UserError):
-        apply_cli.read_plan_file(tmp_path / "missing.json")
+        read_plan_file(tmp_path / "missing.json")

@@ -1,0 +1,148 @@
+"""search.early_stopping: the headroom estimate and the StopHook's decisions, on synthetic
+studies (finished trials added directly, the running one from ``study.ask()``; no training)."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState, create_trial
+
+from models.train import EpochRecord
+from search.early_stopping import ParetoStopper, StopHook, StopRule, headroom
+
+MIN = 3  # min_curves of the rule under test
+# A finished curve of this shape gains 0.05 from epoch 1 and 0.02 from epoch 2 to its end.
+CURVE = [0.85, 0.88, 0.90]
+
+
+def test_headroom_is_the_largest_remaining_gain() -> None:
+    curves = [[0.5, 0.7, 0.8], [0.6, 0.65, 0.9], [0.7]]
+    assert headroom(curves, 1) == pytest.approx(0.3)
+    assert headroom(curves, 2) == pytest.approx(0.25)
+    assert headroom(curves, 3) is None  # no curve is longer than three epochs
+    assert headroom([], 1) is None
+    # A curve that falls at the end has negative headroom; the largest gain is still taken.
+    assert headroom([[0.9, 0.8]], 1) == pytest.approx(-0.1)
+
+
+def _finished(acc: float, ratio: float, family: str = "int", curve: list[float] | None = None,
+              state: TrialState = TrialState.COMPLETE, **attrs: object) -> optuna.trial.FrozenTrial:
+    user_attrs: dict[str, object] = {"families": family, "curve": curve or CURVE, "constraints": [0.0], **attrs}
+    return create_trial(state=state, values=[acc, ratio] if state == TrialState.COMPLETE else None,
+                        user_attrs=user_attrs)
+
+
+def _study(*trials: optuna.trial.FrozenTrial) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    for t in trials:
+        study.add_trial(t)
+    return study
+
+
+def _hook(study: optuna.Study, family: str = "int", ratio: float = 4.0, margin: float = 0.0) -> StopHook:
+    return StopHook(StopRule(min_curves=MIN, margin=margin), study.ask(), family, ratio)
+
+
+def _epoch(hook: StopHook, epoch: int, acc: float) -> bool:
+    return hook.on_epoch_end(None, EpochRecord(epoch=epoch, train_loss=0.0, val_accuracy=acc, seconds=0.0))  # type: ignore[arg-type]
+
+
+def _curves(n: int, family: str = "int", acc: float = 0.90, ratio: float = 1.0) -> list[optuna.trial.FrozenTrial]:
+    """``n`` finished trials with full curves that do not dominate anything (low ratio)."""
+    return [_finished(acc, ratio, family) for _ in range(n)]
+
+
+def test_never_stops_before_min_curves_of_the_family() -> None:
+    # A far better trial at a higher ratio exists, but only MIN-1 curves of our family.
+    study = _study(_finished(0.99, 8.0), *_curves(MIN - 2))
+    hook = _hook(study)
+    assert not _epoch(hook, 1, 0.10)
+    assert not _epoch(hook, 2, 0.10)
+
+
+def test_stops_once_the_family_has_min_curves() -> None:
+    study = _study(_finished(0.99, 8.0), *_curves(MIN - 1))  # MIN curves of "int" in all
+    hook = _hook(study)
+    assert _epoch(hook, 1, 0.50)  # 0.99 > 0.50 + 0.05
+
+
+def test_pooled_curves_are_used_at_twice_min_curves() -> None:
+    others = _curves(2 * MIN - 2, family="prune")
+    # Our family "codebook" has no curve; the pool (with the dominating trial) has 2*MIN-1.
+    study = _study(_finished(0.99, 8.0, family="prune"), *others)
+    assert not _epoch(_hook(study, family="codebook"), 1, 0.50)
+    study.add_trial(_finished(0.90, 1.0, family="prune"))  # now 2*MIN pooled curves
+    assert _epoch(_hook(study, family="codebook"), 1, 0.50)
+
+
+def test_stops_only_beyond_accuracy_plus_headroom_plus_margin() -> None:
+    study = _study(_finished(0.95, 8.0), *_curves(MIN))
+    # Headroom after epoch 1 is 0.05: 0.95 > acc + 0.05 stops exactly when acc < 0.90.
+    assert not _epoch(_hook(study), 1, 0.91)
+    assert _epoch(_hook(study), 1, 0.89)
+    # After epoch 2 the headroom is 0.02.
+    hook = _hook(study)
+    assert not _epoch(hook, 1, 0.91)
+    assert _epoch(hook, 2, 0.92)
+    # A margin makes it more conservative.
+    assert not _epoch(_hook(study, margin=0.1), 1, 0.80)
+    assert _epoch(_hook(study, margin=0.1), 1, 0.79)
+
+
+def test_a_better_trial_with_a_lower_ratio_does_not_stop() -> None:
+    study = _study(_finished(0.99, 3.9), *_curves(MIN))
+    hook = _hook(study, ratio=4.0)
+    assert not _epoch(hook, 1, 0.10)
+    # An equal ratio counts.
+    study.add_trial(_finished(0.99, 4.0))
+    assert _epoch(_hook(study, ratio=4.0), 1, 0.10)
+
+
+def test_an_infeasible_dominating_trial_does_not_stop() -> None:
+    study = _study(_finished(0.99, 8.0, constraints=[1.0]), *_curves(MIN))
+    assert not _epoch(_hook(study), 1, 0.10)
+
+
+def test_pruned_and_partial_trials_are_not_references() -> None:
+    study = _study(
+        _finished(0.99, 8.0, state=TrialState.PRUNED),
+        _finished(0.99, 8.0, stopped_at_epoch=1),  # COMPLETE with partial values (stopped_as="complete")
+        _finished(0.99, 8.0, curve=[0.99]),  # a trial without any remaining epoch is fine as a reference
+        *_curves(MIN - 1),
+    )
+    hook = _hook(study)
+    # References: only the full-budget trial (curve [0.99]). Curves: MIN of "int" (the partial one does not count).
+    assert _epoch(hook, 1, 0.50)
+    study2 = _study(
+        _finished(0.99, 8.0, state=TrialState.PRUNED),
+        _finished(0.99, 8.0, stopped_at_epoch=1),
+        *_curves(MIN),
+    )
+    assert not _epoch(_hook(study2), 1, 0.10)
+
+
+def test_partial_curves_do_not_count_towards_headroom() -> None:
+    # MIN-1 full curves plus partial ones: still too few curves of the family -> never stops.
+    partial = [_finished(0.5, 1.0, curve=[0.5], stopped_at_epoch=1) for _ in range(2 * MIN)]
+    study = _study(_finished(0.99, 8.0), *_curves(MIN - 2), *partial)
+    assert not _epoch(_hook(study), 1, 0.10)
+
+
+def test_curve_is_recorded_each_epoch() -> None:
+    study = _study()
+    hook = _hook(study)
+    for epoch, acc in enumerate([0.3, 0.5, 0.6], start=1):
+        assert not _epoch(hook, epoch, acc)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))[0]
+        assert running.user_attrs["curve"] == [0.3, 0.5, 0.6][:epoch]
+
+
+def test_stopper_makes_no_hook_for_a_single_epoch() -> None:
+    study = _study()
+    stopper = ParetoStopper(StopRule(min_curves=MIN))
+    trial = study.ask()
+    assert stopper.hook(trial, "int", 4.0, 1) is None
+    hook = stopper.hook(trial, "int", 4.0, 3)
+    assert isinstance(hook, StopHook) and hook.rule.min_curves == MIN
+    assert ParetoStopper().rule == StopRule()

@@ -1,0 +1,224 @@
+"""Codebook (weight-sharing) quantization: clustering, centroid training, global sharing, codec."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import optuna
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.errors import UserError
+from models.registry import create_model
+from models.train import train
+from spaces.codebook import (
+    GLOBAL_SHARE,
+    Codebook,
+    CodebookConfig,
+    CodebookRepr,
+    cluster_values,
+    layer_codebook,
+)
+from spaces.layers import CLinear, compress_layer
+from spaces.plan import Plan, Step, apply_plan, finalize_plan
+from spaces.policy import LayerPolicy
+from spaces.registry import ApplyContext, get_technique, list_techniques
+from storage.codec import decode, encode
+
+UNPROTECTED = ApplyContext(policy=LayerPolicy(keep_first=False, keep_last=False))
+
+
+def _lenet(config: CodebookConfig, ctx: ApplyContext = UNPROTECTED) -> nn.Module:
+    torch.manual_seed(0)
+    model = create_model("lenet300").eval()
+    Codebook().apply(model, config, ctx)
+    return model
+
+
+def _codebook_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, "weight_repr", None), CodebookRepr)]
+
+
+@pytest.mark.parametrize("k", [2, 16, 64])
+def test_each_layer_has_exactly_k_distinct_values(k: int) -> None:
+    model = _lenet(CodebookConfig(clusters=k))
+    layers = _codebook_layers(model)
+    assert [n for n, _ in layers] == ["fc1", "fc2", "fc3"]
+    for _, m in layers:
+        assert m.weight_repr.k == k
+        assert m.effective_weight().detach().unique().numel() == k
+        assert m.weight_repr.indices.dtype == torch.int64
+        assert m.weight_repr.indices.shape == m.weight.shape
+
+
+def test_protected_layers_get_int8_below_8_bits() -> None:
+    torch.manual_seed(0)
+    model = create_model("digits_cnn")
+    Codebook().apply(model, CodebookConfig(clusters=16), ApplyContext())
+    kinds = {n: m.weight_repr.kind for n, m in model.named_modules() if getattr(m, "weight_repr", None) is not None}
+    assert kinds == {"conv1": "int", "conv2": "codebook", "conv3": "codebook", "fc1": "codebook", "fc2": "int"}
+    assert model.conv1.weight_repr.bits == 8
+
+
+def test_codebook_round_trips_through_codec_and_snaps() -> None:
+    model = _lenet(CodebookConfig(clusters=8))
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        before = model(x)
+        Codebook().finalize(model, CodebookConfig(clusters=8))
+        assert torch.equal(model.fc2.weight, model.fc2.weight_repr.centroids[model.fc2.weight_repr.indices])
+        decoded = decode(encode(model))
+        assert torch.equal(decoded.fc2.weight_repr.indices, model.fc2.weight_repr.indices)
+        assert torch.allclose(decoded(x), before, rtol=0, atol=1e-6)
+    assert len(encode(decoded)) == len(encode(model))
+
+
+def test_centroid_gradient_is_the_members_gradient_sum_divided_by_their_count() -> None:
+    torch.manual_seed(0)
+    layer = compress_layer(nn.Linear(6, 5))
+    layer.weight_repr = layer_codebook(layer, CodebookConfig(clusters=3))
+    rep = layer.weight_repr
+    x = torch.randn(7, 6)
+    w = layer.effective_weight()
+    w.retain_grad()
+    F.linear(x, w, layer.bias).pow(2).sum().backward()
+    assert layer.weight.grad is None  # the shadow weight does not train under a codebook
+    summed = torch.zeros(3).index_add_(0, rep.indices.flatten(), w.grad.flatten())
+    counts = torch.bincount(rep.indices.flatten(), minlength=3).float()
+    assert torch.allclose(rep.centroids.grad * counts, summed, atol=1e-6)
+    assert torch.allclose(rep.centroids.grad, summed / counts, atol=1e-7)
+
+
+def test_centroids_train_and_indices_stay_fixed(digits_baseline) -> None:
+    base = digits_baseline
+    model = base.fresh()
+    plan = Plan((Step("codebook", CodebookConfig(clusters=16)),))
+    hooks = apply_plan(model, plan)
+    layers = _codebook_layers(model)
+    indices = [m.weight_repr.indices.clone() for _, m in layers]
+    centroids = [m.weight_repr.centroids.detach().clone() for _, m in layers]
+    train(model, base.data, base.preset.finetune.replace(epochs=1), device=torch.device("cpu"), hooks=hooks)
+    for (name, m), idx, c in zip(layers, indices, centroids, strict=True):
+        assert torch.equal(m.weight_repr.indices, idx), name
+        assert not torch.equal(m.weight_repr.centroids.detach(), c), name
+        assert torch.isfinite(m.weight_repr.centroids).all()
+    finalize_plan(model, plan)
+    for _, m in layers:
+        assert m.weight.unique().numel() <= 16
+
+
+def test_global_codebook_is_one_parameter_stored_once() -> None:
+    k = 64
+    model = _lenet(CodebookConfig(clusters=k, scope="global"))
+    layers = _codebook_layers(model)
+    assert len({id(m.weight_repr.centroids) for _, m in layers}) == 1
+    assert all(m.weight_repr.share == GLOBAL_SHARE for _, m in layers)
+    # The same codes with the codebook copied into each layer cost (layers - 1) * k * 4 bytes more.
+    untied = copy.deepcopy(model)
+    for _, m in _codebook_layers(untied):
+        m.weight_repr = CodebookRepr.build(m.weight_repr.centroids.detach().clone(), m.weight_repr.indices)
+    extra = len(encode(untied)) - len(encode(model))
+    expected = (len(layers) - 1) * k * 4
+    assert expected - 50 <= extra <= expected + 100, (extra, expected)  # header JSON differs a little
+    # A per-layer codebook of the same k (its own clustering) is larger by about as much.
+    per_layer = len(encode(_lenet(CodebookConfig(clusters=k, scope="layer"))))
+    assert 0.5 * expected < per_layer - len(encode(model)) < 1.5 * expected
+    # Decoding ties the layers to one Parameter again, and the model trains it as one.
+    decoded = decode(encode(model))
+    shared = {id(m.weight_repr.centroids) for _, m in _codebook_layers(decoded)}
+    assert len(shared) == 1
+    assert sum(p.numel() for p in decoded.parameters() if p.ndim == 1 and p.numel() == k) == k
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(decoded(x), model(x), atol=1e-6)
+
+
+def test_pruned_layers_cluster_only_their_kept_weights() -> None:
+    if "prune" not in list_techniques():
+        pytest.skip("spaces/prune.py is not registered yet")
+    prune = get_technique("prune")
+    torch.manual_seed(0)
+    model = create_model("lenet300").eval()
+    plan = Plan((Step("prune", prune.config_from_dict({"sparsity": 0.8})), Step("codebook", CodebookConfig(clusters=8))))
+    apply_plan(model, plan, UNPROTECTED)
+    layers = [(n, m) for n, m in _codebook_layers(model) if m.mask is not None]
+    assert len(layers) == 3
+    smallest_kept = {n: m.weight.detach()[m.mask].abs().min() for n, m in layers}
+    finalize_plan(model, plan)
+    for name, m in layers:
+        kept = m.effective_weight().detach()[m.mask]
+        assert kept.unique().numel() == 8, name
+        assert (m.effective_weight().detach()[~m.mask] == 0).all()
+        # The centroids come from the kept weights only: none lies in the pruned band around zero.
+        assert (m.weight_repr.centroids.detach().abs() >= smallest_kept[name]).all(), name
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(decode(encode(model))(x), model(x), atol=1e-6)
+    codebook_only = len(encode(_lenet(CodebookConfig(clusters=8))))
+    assert len(encode(model)) < 0.5 * codebook_only
+
+
+def _multimodal_layer(modes: list[float], per_mode: int = 400) -> CLinear:
+    gen = torch.Generator().manual_seed(0)
+    values = torch.cat([m + 0.004 * torch.randn(per_mode, generator=gen) for m in modes])
+    layer = compress_layer(nn.Linear(len(modes) * per_mode // 8, 8))
+    with torch.no_grad():
+        layer.weight.copy_(values[torch.randperm(values.numel(), generator=gen)].view_as(layer.weight))
+    return layer
+
+
+def test_dbscan_finds_the_modes_of_multimodal_weights() -> None:
+    modes = [-0.3, -0.1, 0.05, 0.2, 0.4]
+    layer = _multimodal_layer(modes)
+    rep = layer_codebook(layer, CodebookConfig(method="dbscan", clusters=16, dbscan_eps=0.05))
+    assert rep.k == len(modes)
+    assert np.allclose(rep.centroids.detach().numpy(), modes, atol=0.002)
+    # More clusters than allowed: k-means of the weights with the cap.
+    capped = layer_codebook(layer, CodebookConfig(method="dbscan", clusters=3, dbscan_eps=0.05))
+    assert capped.k == 3
+
+
+def test_dbscan_falls_back_to_kmeans_on_unimodal_weights() -> None:
+    values = np.random.default_rng(0).normal(0, 0.05, 20000)
+    c = cluster_values(values, CodebookConfig(method="dbscan", clusters=12, dbscan_eps=0.2))
+    assert c.k == 12
+    small_eps = cluster_values(values, CodebookConfig(method="dbscan", clusters=256, dbscan_eps=0.01))
+    assert 2 <= small_eps.k <= 256
+
+
+def test_gmm_codebook_has_k_sensible_entries() -> None:
+    modes = [-0.3, -0.1, 0.05, 0.2, 0.4]
+    rep = layer_codebook(_multimodal_layer(modes), CodebookConfig(method="gmm", clusters=5))
+    assert np.allclose(rep.centroids.detach().numpy(), modes, atol=0.002)
+    model = _lenet(CodebookConfig(method="gmm", clusters=8))
+    for _, m in _codebook_layers(model):
+        w = m.effective_weight().detach()
+        assert m.weight_repr.k == 8
+        # Nearest-mean assignment: no weight moves further than half the widest gap.
+        gaps = m.weight_repr.centroids.detach().diff()
+        inner = (m.weight.detach() >= m.weight_repr.centroids.min()) & (m.weight.detach() <= m.weight_repr.centroids.max())
+        assert ((w - m.weight.detach()).abs()[inner] <= gaps.max() / 2 + 1e-6).all()
+
+
+def test_config_validation_names_the_bad_value() -> None:
+    with pytest.raises(UserError, match="codebook.clusters.*300"):
+        CodebookConfig(clusters=300)
+    with pytest.raises(UserError, match="codebook.method.*'median'"):
+        CodebookConfig(method="median")
+    with pytest.raises(UserError, match="codebook.scope"):
+        CodebookConfig(scope="net")
+    with pytest.raises(UserError, match="dbscan_eps"):
+        CodebookConfig(dbscan_eps=0.0)
+
+
+def test_dbscan_eps_is_suggested_only_for_dbscan_and_family_names_the_method() -> None:
+    t = Codebook()
+    for method in ("kmeans", "gmm", "dbscan"):
+        trial = optuna.trial.FixedTrial({"c.method": method, "c.clusters": 16, "c.scope": "layer", "c.dbscan_eps": 0.1})
+        cfg = t.suggest(trial, "c")
+        assert ("c.dbscan_eps" in trial.params) == (method == "dbscan")
+        assert cfg.dbscan_eps == (0.1 if method == "dbscan" else CodebookConfig.dbscan_eps)
+        assert t.family_of(cfg) == method
