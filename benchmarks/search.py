@@ -65,6 +65,7 @@ class Config:
     key: str
     label: str
     args: tuple[str, ...]
+    headroom_quantile: float | None = None  # experiment: patch the stopping rule's headroom
 
 
 CONFIGS = (
@@ -72,7 +73,30 @@ CONFIGS = (
     Config("tpe", "TPE, no early stopping", ("--no-early-stopping",)),
     Config("random", "random, no early stopping", ("--sampler", "random", "--no-early-stopping")),
 )
-BY_KEY = {c.key: c for c in CONFIGS}
+# Experiments, only on request (--configs): the stopping rule with the headroom estimated by a
+# quantile of the finished curves' gains instead of their maximum (patched in the run's process;
+# nothing in search/ changes).
+EXPERIMENTS = tuple(
+    Config(
+        f"tpe+es-q{int(q * 100)}",
+        f"TPE + early stopping, headroom = q{int(q * 100)} of gains (experiment)",
+        (),
+        q,
+    )
+    for q in (0.75, 0.8, 0.9)
+)
+BY_KEY = {c.key: c for c in CONFIGS + EXPERIMENTS}
+DEFAULT_CONFIGS = ",".join(c.key for c in CONFIGS)
+PATCH = """import sys
+import numpy as np
+import search.early_stopping as es
+def headroom(curves, epoch):
+    gains = [c[-1] - c[epoch - 1] for c in curves if len(c) > epoch]
+    return float(np.quantile(gains, {q})) if gains else None
+es.headroom = headroom
+from search.run import main
+raise SystemExit(main(sys.argv[1:]))
+"""
 
 
 @dataclass
@@ -110,10 +134,12 @@ def storage_url(out: Path, config: str, seed: int) -> str:
 
 def run_command(out: Path, config: Config, seed: int, trials: int) -> list[str]:
     """The ``search.run`` command of one run."""
+    if config.headroom_quantile is not None:
+        head = [sys.executable, "-c", PATCH.format(q=config.headroom_quantile)]
+    else:
+        head = [sys.executable, "-m", "search.run"]
     return [
-        sys.executable,
-        "-m",
-        "search.run",
+        *head,
         "--preset",
         PRESET,
         "--study",
@@ -344,6 +370,10 @@ REPLAY_RULES = (
     ReplayRule("90th-percentile gain", estimator="q90"),
     ReplayRule("max gain of curves within 5 points", estimator="near"),
     ReplayRule("max gain of curves within 5 points, margin 0.01", estimator="near", margin=0.01),
+    ReplayRule(
+        "bound: an oracle that stops after epoch 1 every trial a finished one dominates",
+        estimator="oracle",
+    ),
 )
 
 
@@ -410,6 +440,10 @@ def replay(
             better = [k.values[0] for k in fin if k.values[1] >= ratio]
             if not better:
                 continue
+            if rule.estimator == "oracle":  # knows the final accuracy: stops after epoch 1 or never
+                if max(better) > t.values[0]:
+                    stop_at = e
+                break
             room = _headroom(rule, fin, t.user_attrs.get("families"), e, curve[e - 1])
             if room is not None and max(better) > curve[e - 1] + room + rule.margin:
                 stop_at = e
@@ -453,64 +487,73 @@ def replay_table(out: Path, seeds: list[int], max_trials: int) -> list[str]:
 # report
 
 
+def es_vs_noes(es_all: list[RunCurve], noes_all: list[RunCurve]) -> dict[str, object] | None:
+    """Epochs saved by an early-stopping configuration against TPE without, on their common seeds."""
+    seeds = {c.seed for c in es_all if c.n} & {c.seed for c in noes_all if c.n}
+    es = [c for c in es_all if c.seed in seeds]
+    noes = [c for c in noes_all if c.seed in seeds]
+    if not es:
+        return None
+    m_es, s_es = mean_std([c.hv[-1] for c in es])
+    m_no, s_no = mean_std([c.hv[-1] for c in noes])
+    spread = max(s_es, s_no)
+    target = min(m_es, m_no)
+    e_es, e_no = mean_cost_to_reach(es, target), mean_cost_to_reach(noes, target)
+    w_es, w_no = mean_cost_to_reach(es, target, "wall"), mean_cost_to_reach(noes, target, "wall")
+    equal = m_es >= m_no - spread
+    saving = 1.0 - e_es / e_no if e_es is not None and e_no else None
+    tot_es = float(np.mean([c.epochs[-1] for c in es]))
+    tot_no = float(np.mean([c.epochs[-1] for c in noes]))
+    per_seed = []
+    for a in sorted(es, key=lambda c: c.seed):
+        b = next(c for c in noes if c.seed == a.seed)
+        t = min(a.hv[-1], b.hv[-1])
+        ea, eb = cost_to_reach(a, t), cost_to_reach(b, t)
+        per_seed.append(
+            {
+                "seed": a.seed,
+                "hv_es": a.hv[-1],
+                "hv_noes": b.hv[-1],
+                "target": t,
+                "epochs_es": ea,
+                "epochs_noes": eb,
+                "saving": 1.0 - ea / eb if ea is not None and eb else None,
+                "epochs_es_to_noes_final": cost_to_reach(a, b.hv[-1]),
+            }
+        )
+    return {
+        "seeds": sorted(seeds),
+        "hv_es": m_es,
+        "hv_es_std": s_es,
+        "hv_noes": m_no,
+        "hv_noes_std": s_no,
+        "spread": spread,
+        "target": target,
+        "epochs_es": e_es,
+        "epochs_noes": e_no,
+        "wall_es": w_es,
+        "wall_noes": w_no,
+        "equal_hv": equal,
+        "saving": saving,
+        "total_epochs_es": tot_es,
+        "total_epochs_noes": tot_no,
+        "saving_at_equal_trials": 1.0 - tot_es / tot_no,
+        "holds": bool(equal and saving is not None and saving >= SAVING_GOAL),
+        "per_seed": per_seed,
+    }
+
+
 def analyse(curves: dict[str, list[RunCurve]], trials: dict[str, int]) -> dict[str, object]:
     """The numbers of the report and the verdicts on the two goals."""
     res: dict[str, object] = {}
-    finals = {k: [c.hv[-1] if c.n else None for c in cs] for k, cs in curves.items()}
-    # Goal 1: epochs saved by early stopping at equal hypervolume.
-    es, noes = curves.get("tpe+es", []), curves.get("tpe", [])
-    if es and noes and all(c.n for c in es + noes):
-        m_es, s_es = mean_std(finals["tpe+es"])
-        m_no, s_no = mean_std(finals["tpe"])
-        spread = max(s_es, s_no)
-        target = min(m_es, m_no)
-        e_es, e_no = mean_cost_to_reach(es, target), mean_cost_to_reach(noes, target)
-        w_es, w_no = (
-            mean_cost_to_reach(es, target, "wall"),
-            mean_cost_to_reach(noes, target, "wall"),
-        )
-        equal = m_es >= m_no - spread
-        saving = 1.0 - e_es / e_no if e_es is not None and e_no else None
-        tot_es = float(np.mean([c.epochs[-1] for c in es]))
-        tot_no = float(np.mean([c.epochs[-1] for c in noes]))
-        per_seed = []
-        for a in es:
-            b = next((c for c in noes if c.seed == a.seed), None)
-            if b is None:
-                continue
-            t = min(a.hv[-1], b.hv[-1])
-            ea, eb = cost_to_reach(a, t), cost_to_reach(b, t)
-            per_seed.append(
-                {
-                    "seed": a.seed,
-                    "hv_es": a.hv[-1],
-                    "hv_noes": b.hv[-1],
-                    "target": t,
-                    "epochs_es": ea,
-                    "epochs_noes": eb,
-                    "saving": 1.0 - ea / eb if ea is not None and eb else None,
-                    "epochs_es_to_noes_final": cost_to_reach(a, b.hv[-1]),
-                }
-            )
-        res["goal1"] = {
-            "hv_es": m_es,
-            "hv_es_std": s_es,
-            "hv_noes": m_no,
-            "hv_noes_std": s_no,
-            "spread": spread,
-            "target": target,
-            "epochs_es": e_es,
-            "epochs_noes": e_no,
-            "wall_es": w_es,
-            "wall_noes": w_no,
-            "equal_hv": equal,
-            "saving": saving,
-            "total_epochs_es": tot_es,
-            "total_epochs_noes": tot_no,
-            "saving_at_equal_trials": 1.0 - tot_es / tot_no,
-            "holds": bool(equal and saving is not None and saving >= SAVING_GOAL),
-            "per_seed": per_seed,
-        }
+    # Goal 1: epochs saved by early stopping at equal hypervolume (and the same for experiments).
+    noes = curves.get("tpe", [])
+    for key, es_curves in curves.items():
+        if key.startswith("tpe+es") and noes:
+            g = es_vs_noes(es_curves, noes)
+            if g is not None:
+                res["goal1" if key == "tpe+es" else f"goal1:{key}"] = g
+    es = curves.get("tpe+es", [])
     # Goal 2: the default sampler at 100 trials vs random at 200.
     rnd = curves.get("random", [])
     if es and rnd:
@@ -582,6 +625,34 @@ def fmt_opt(x: float | None, fmt: str = "{:.0f}") -> str:
     return "not reached" if x is None else fmt.format(x)
 
 
+def goal1_lines(g1: dict, title: str) -> list[str]:
+    """The verdict and the per-seed table of one early-stopping comparison."""
+    ok = "**met**" if g1["holds"] else "**not met**"
+    sv = "-" if g1["saving"] is None else f"{100 * g1['saving']:.1f} %"
+    lines = [
+        f"{title}: {ok}. "
+        f"Final HV with early stopping {g1['hv_es']:.4f} ± {g1['hv_es_std']:.4f}, without {g1['hv_noes']:.4f} ± "
+        f"{g1['hv_noes_std']:.4f} (equal within the seed spread {g1['spread']:.4f}: {'yes' if g1['equal_hv'] else 'no'}). "
+        f"Epochs the mean-over-seeds curves need to reach the HV both reach ({g1['target']:.4f}): "
+        f"{fmt_opt(g1['epochs_es'])} with early stopping, {fmt_opt(g1['epochs_noes'])} without: **{sv} saved** "
+        f"(wall-clock {fmt_opt(g1['wall_es'])} s vs {fmt_opt(g1['wall_noes'])} s). At equal trial count the runs "
+        f"spent {g1['total_epochs_es']:.0f} vs {g1['total_epochs_noes']:.0f} epochs "
+        f"({100 * g1['saving_at_equal_trials']:.1f} % saved).",
+        "",
+        "   Per seed (same baseline, so HVs compare exactly; target = the lower of the two final HVs):",
+        "",
+        "   | seed | final HV ES | final HV no-ES | epochs ES to target | epochs no-ES to target | saved | epochs ES to no-ES final HV |",
+        "   |---|---|---|---|---|---|---|",
+    ]
+    for p in g1["per_seed"]:
+        saved = "-" if p["saving"] is None else f"{100 * p['saving']:.1f} %"
+        lines.append(
+            f"   | {p['seed']} | {p['hv_es']:.4f} | {p['hv_noes']:.4f} | {fmt_opt(p['epochs_es'])} | "
+            f"{fmt_opt(p['epochs_noes'])} | {saved} | {fmt_opt(p['epochs_es_to_noes_final'])} |"
+        )
+    return [*lines, ""]
+
+
 def report(
     curves: dict[str, list[RunCurve]],
     trials: dict[str, int],
@@ -650,30 +721,17 @@ def report(
         )
     lines += ["", "### Goals", ""]
     if g1 is not None:
-        ok = "**met**" if g1["holds"] else "**not met**"
-        sv = "-" if g1["saving"] is None else f"{100 * g1['saving']:.1f} %"
-        lines += [
-            f"1. *Early stopping saves >= 30 % of epochs at equal hypervolume (within seed spread)*: {ok}. "
-            f"Final HV with early stopping {g1['hv_es']:.4f} ± {g1['hv_es_std']:.4f}, without {g1['hv_noes']:.4f} ± "
-            f"{g1['hv_noes_std']:.4f} (equal within the seed spread {g1['spread']:.4f}: {'yes' if g1['equal_hv'] else 'no'}). "
-            f"Epochs the mean-over-seeds curves need to reach the HV both reach ({g1['target']:.4f}): "
-            f"{fmt_opt(g1['epochs_es'])} with early stopping, {fmt_opt(g1['epochs_noes'])} without: **{sv} saved** "
-            f"(wall-clock {fmt_opt(g1['wall_es'])} s vs {fmt_opt(g1['wall_noes'])} s). At equal trial count the runs "
-            f"spent {g1['total_epochs_es']:.0f} vs {g1['total_epochs_noes']:.0f} epochs "
-            f"({100 * g1['saving_at_equal_trials']:.1f} % saved).",
-            "",
-            "   Per seed (same baseline, so HVs compare exactly; target = the lower of the two final HVs):",
-            "",
-            "   | seed | final HV ES | final HV no-ES | epochs ES to target | epochs no-ES to target | saved | epochs ES to no-ES final HV |",
-            "   |---|---|---|---|---|---|---|",
-        ]
-        for p in g1["per_seed"]:
-            saved = "-" if p["saving"] is None else f"{100 * p['saving']:.1f} %"
-            lines.append(
-                f"   | {p['seed']} | {p['hv_es']:.4f} | {p['hv_noes']:.4f} | {fmt_opt(p['epochs_es'])} | "
-                f"{fmt_opt(p['epochs_noes'])} | {saved} | {fmt_opt(p['epochs_es_to_noes_final'])} |"
+        lines += goal1_lines(
+            g1,
+            "1. *Early stopping saves >= 30 % of epochs at equal hypervolume (within seed spread)*",
+        )
+    for key in curves:
+        g = res.get(f"goal1:{key}")
+        if g is not None:
+            lines += goal1_lines(
+                g,
+                f"Experiment `{key}` ({BY_KEY[key].label}), seeds {g['seeds']}, against TPE without early stopping",
             )
-        lines.append("")
     g2 = res.get("goal2")
     if g2 is not None:
         if g2["holds"] is None:
@@ -737,13 +795,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="trials of the two TPE configurations (default: --trials)",
     )
-    p.add_argument(
-        "--seeds", type=int, default=3, help="seeds 0..N-1 per configuration (default: 3)"
-    )
+    p.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default: 3)")
+    p.add_argument("--first-seed", type=int, default=0, help="the first seed (default: 0)")
     p.add_argument(
         "--configs",
-        default=",".join(c.key for c in CONFIGS),
-        help="comma list of tpe+es, tpe, random",
+        default=DEFAULT_CONFIGS,
+        help=f"comma list of {DEFAULT_CONFIGS} (default) and experiments {', '.join(c.key for c in EXPERIMENTS)}",
     )
     p.add_argument(
         "--out",
@@ -781,7 +838,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [k for k in keys if k not in BY_KEY]
     if unknown:
         p.error(f"unknown configuration(s) {unknown}; known: {', '.join(BY_KEY)}")
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     trials = {
         k: (args.tpe_trials or args.trials) if k.startswith("tpe") else args.trials for k in keys
     }

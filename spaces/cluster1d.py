@@ -248,7 +248,7 @@ def _predicted_spacing(h: _Histogram, k: int) -> float:
 def _fine_histogram(
     x: np.ndarray, w: np.ndarray | None, bins: int, k: int, *, scatter: bool
 ) -> tuple[_Histogram, np.ndarray]:
-    """A histogram fine enough for k clusters, and the optimal centroids of its atoms.
+    """A histogram fine enough for k clusters, and the optimal partition of its atoms.
 
     Equal-width bins first. When outliers stretch the range so far that some optimal clusters
     would span fewer than _MIN_BINS bins (the DP could then only place their boundaries coarsely,
@@ -258,14 +258,13 @@ def _fine_histogram(
     """
     h = _histogram(x, w, _equal_width(x, bins), scatter=scatter)
     warp = h.atoms.x.size < k or _predicted_spacing(h, k) < 1.5 * _MIN_BINS
-    c = None
     if not warp:
-        c = _optimal_centroids(h.atoms, k)
-        warp = not _resolved(h.grid, c)
+        cuts = _optimal_partition(h.atoms, k)
+        warp = not _resolved(h.grid, _segment_means(h.atoms, cuts))
     if warp:
         h = _histogram(x, w, _warped(x, h), scatter=scatter)
-        c = _optimal_centroids(h.atoms, k)
-    return h, c
+        cuts = _optimal_partition(h.atoms, k)
+    return h, cuts
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +276,7 @@ class _Prefix:
 
     def __init__(self, atoms: _Atoms) -> None:
         w = atoms.w
-        xc = atoms.x - np.dot(w, atoms.x) / w.sum()  # centring avoids cancellation in Q - S^2/W
+        xc = atoms.x - _wsum(w, atoms.x) / w.sum()  # centring avoids cancellation in Q - S^2/W
         self.W = np.concatenate(([0.0], np.cumsum(w)))
         self.S = np.concatenate(([0.0], np.cumsum(w * xc)))
         self.Q = np.concatenate(([0.0], np.cumsum(w * xc * xc + atoms.scatter)))
@@ -369,11 +368,10 @@ def _segment_means(atoms: _Atoms, cuts: np.ndarray) -> np.ndarray:
     return ss / ws
 
 
-def _optimal_centroids(atoms: _Atoms, k: int) -> np.ndarray:
-    """Centroids of the optimal partition of the atoms into min(k, m) clusters."""
-    if k >= atoms.x.size:
-        return atoms.x.copy()
-    return _segment_means(atoms, _optimal_cuts(atoms, k))
+def _optimal_partition(atoms: _Atoms, k: int) -> np.ndarray:
+    """Boundaries of the optimal partition of the atoms into min(k, m) clusters."""
+    m = atoms.x.size
+    return np.arange(m + 1) if k >= m else _optimal_cuts(atoms, k)
 
 
 def _midpoints(c: np.ndarray) -> np.ndarray:
@@ -400,6 +398,30 @@ def _cut_bins(grid: _Grid, mids: np.ndarray) -> np.ndarray:
     return both[(both >= 0) & (both < grid.nbins)]
 
 
+def _piecewise_labels(
+    x: np.ndarray, h: _Histogram | None, points: np.ndarray, seg: np.ndarray
+) -> np.ndarray:
+    """Labels of a step function of the value: ``seg[j]`` on (points[j-1], points[j]].
+
+    With a histogram, each bin that no step point cuts through takes one label for all its
+    values (a table lookup by bin); only the values in cut bins are compared with the points.
+    """
+    seg = seg.astype(np.int32)
+    if h is None:
+        return seg[np.searchsorted(points, x.astype(np.float64, copy=False), side="left")]
+    nb = h.grid.nbins
+    # An uncut bin lies wholly on one side of each point, like its centre does.
+    table = seg[np.searchsorted(h.grid.coord(points), np.arange(nb) + 0.5, side="left")]
+    labels = table[h.idx]
+    cut = _cut_bins(h.grid, points)
+    if cut.size:
+        mask = np.zeros(nb, dtype=bool)
+        mask[cut] = True
+        pos = np.flatnonzero(mask[h.idx])
+        labels[pos] = seg[np.searchsorted(points, x[pos].astype(np.float64), side="left")]
+    return labels
+
+
 class _Refiner:
     """Lloyd iterations on the exact values, touching only the values in cut bins.
 
@@ -412,7 +434,6 @@ class _Refiner:
         self.h, self.x, self.w = h, x, w
         self.open = np.zeros(h.grid.nbins, dtype=bool)  # bins expanded into their values
         self.open_pos = np.zeros(0, dtype=np.int64)
-        self.ax = self.aw = np.zeros(0)
         self._build()
 
     def _build(self) -> None:
@@ -460,20 +481,8 @@ class _Refiner:
         return c
 
     def labels(self, c: np.ndarray) -> np.ndarray:
-        """Nearest-centroid labels of all values: per bin, except for values in cut bins."""
-        mids = _midpoints(c)
-        h, nb = self.h, self.h.grid.nbins
-        # An uncut bin lies wholly on one side of each boundary, like its centre does.
-        centre = np.arange(nb) + 0.5
-        table = np.searchsorted(h.grid.coord(mids), centre, side="left").astype(np.int32)
-        labels = table[h.idx]
-        cut = _cut_bins(h.grid, mids)
-        if cut.size:
-            mask = np.zeros(nb, dtype=bool)
-            mask[cut] = True
-            pos = np.flatnonzero(mask[h.idx])
-            labels[pos] = _nearest(self.x[pos], c)
-        return labels
+        """Nearest-centroid labels of all values (ties to the lower centroid)."""
+        return _piecewise_labels(self.x, self.h, _midpoints(c), np.arange(c.size))
 
 
 def kmeans_1d(
@@ -506,7 +515,8 @@ def kmeans_1d(
     threshold = bins if exact_threshold is None else int(exact_threshold)
     if x.size <= threshold or x.min() == x.max():
         return _kmeans_exact(x, w, k)
-    h, c = _fine_histogram(x, w, bins, k, scatter=False)
+    h, cuts = _fine_histogram(x, w, bins, k, scatter=False)
+    c = _segment_means(h.atoms, cuts)
     if c.size < k:  # values packed into fewer than k bins: few distinct values, solve exactly
         return _kmeans_exact(x, w, k)
     refiner = _Refiner(h, x, w)
@@ -518,7 +528,7 @@ def _kmeans_exact(x: np.ndarray, w: np.ndarray | None, k: int) -> Clustering1D:
     atoms, inv = _unique_atoms(x, w)
     labelled = atoms.w > 0  # zero-weight values do not pull on centroids but still get labels
     live = _Atoms(atoms.x[labelled], atoms.w[labelled], atoms.scatter[labelled])
-    c = _optimal_centroids(live, k)
+    c = _segment_means(live, _optimal_partition(live, k))
     return Clustering1D(c, _nearest(atoms.x, c)[inv])
 
 
@@ -526,11 +536,14 @@ def _kmeans_exact(x: np.ndarray, w: np.ndarray | None, k: int) -> Clustering1D:
 # Gaussian mixture by EM on the histogram
 
 
-def _reduce(x: np.ndarray, bins: int, k: int) -> _Atoms:
-    """Histogram atoms with scatter for large inputs, exact distinct values for small ones."""
+def _reduce(x: np.ndarray, bins: int, k: int) -> tuple[_Atoms, np.ndarray, _Histogram | None]:
+    """Atoms (histogram bins with scatter for large inputs, exact distinct values for small
+    ones), their optimal k-means partition, and the histogram if there is one."""
     if x.size <= bins or x.min() == x.max():
-        return _unique_atoms(x, None)[0]
-    return _fine_histogram(x, None, bins, k, scatter=True)[0].atoms
+        atoms = _unique_atoms(x, None)[0]
+        return atoms, _optimal_partition(atoms, k), None
+    h, cuts = _fine_histogram(x, None, bins, k, scatter=True)
+    return h.atoms, cuts, h
 
 
 def _component_stats(atoms: _Atoms, cuts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -544,19 +557,17 @@ def _component_stats(atoms: _Atoms, cuts: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def _init_params(
-    atoms: _Atoms, k: int, init: str, seed: int, floor: float
+    atoms: _Atoms, cuts: np.ndarray, init: str, seed: int, floor: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    m = atoms.x.size
-    k = min(k, m)
+    """Mixing weights, means and variances to start EM from (one component per k-means cluster)."""
     if init == "kmeans":
-        cuts = np.arange(m + 1) if k == m else _optimal_cuts(atoms, k)
         ws, mu, var = _component_stats(atoms, cuts)
     else:
+        k, m = cuts.size - 1, atoms.x.size
         rng = np.random.default_rng(seed)
         pick = np.sort(rng.choice(m, size=k, replace=False, p=atoms.w / atoms.w.sum()))
         mu = atoms.x[pick]
-        total = np.dot(atoms.w, (atoms.x - np.dot(atoms.w, atoms.x) / atoms.w.sum()) ** 2)
-        var = np.full(k, (total + atoms.scatter.sum()) / atoms.w.sum())
+        var = np.full(k, _variance(atoms))
         ws = np.full(k, 1.0)
     return ws / ws.sum(), mu, np.maximum(var, floor)
 
@@ -576,16 +587,6 @@ def _log_joint(
     a *= (-0.5 / var)[:, None]
     a += (np.log(pi) - 0.5 * np.log(2 * np.pi * var))[:, None]
     return a
-
-
-def _max_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Column-wise max over the rows of ``a`` and the first row attaining it."""
-    best = a[0].copy()
-    arg = np.zeros(a.shape[1], dtype=np.int32)
-    for c in range(1, a.shape[0]):
-        np.copyto(arg, c, where=a[c] > best)
-        np.maximum(best, a[c], out=best)
-    return best, arg
 
 
 def _normalise_rows(a: np.ndarray, mx: np.ndarray) -> np.ndarray:
@@ -612,7 +613,7 @@ def _em(
     """
     pi, mu, var = params
     n = atoms.w.sum()
-    shift = np.dot(atoms.w, atoms.x) / n  # centred moments keep the variance update accurate
+    shift = _wsum(atoms.w, atoms.x) / n  # centred moments keep the variance update accurate
     xc = atoms.x - shift
     spread = atoms.scatter / atoms.w
     s1 = atoms.w * xc
@@ -635,18 +636,51 @@ def _em(
     return (pi, mu + shift, var), iters, False
 
 
-def _score(
-    x: np.ndarray, pi: np.ndarray, mu: np.ndarray, var: np.ndarray
-) -> tuple[float, np.ndarray]:
-    """Mean log-likelihood of the original values and their argmax-responsibility labels."""
+def _mean_loglik(x: np.ndarray, pi: np.ndarray, mu: np.ndarray, var: np.ndarray) -> float:
+    """Mean log-density of the original values under the mixture (float64, in chunks)."""
     total = 0.0
-    labels = np.empty(x.size, dtype=np.int32)
     for start in range(0, x.size, _CHUNK):
-        xs = x[start : start + _CHUNK].astype(np.float64)
-        a = _log_joint(xs, pi, mu, var)
-        mx, labels[start : start + xs.size] = _max_rows(a)
-        total += float(_normalise_rows(a, mx).sum())
-    return total / x.size, labels
+        a = _log_joint(x[start : start + _CHUNK], pi, mu, var)
+        total += float(_normalise_rows(a, a.max(axis=0)).sum())
+    return total / x.size
+
+
+def _argmax_steps(pi: np.ndarray, mu: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The component of highest responsibility as a step function of the value.
+
+    Two weighted Gaussian log-densities differ by a quadratic, so they swap order at most twice;
+    between consecutive crossing points of all pairs the winner is constant. Returns the points
+    where the winner changes and the winner on each of the len(points) + 1 intervals.
+    """
+    a, b = np.triu_indices(mu.size, 1)
+    # f_a - f_b in y = x - mu_a (moderate coefficients): A y^2 + B y + C.
+    d = mu[b] - mu[a]
+    const = np.log(pi) - 0.5 * np.log(var)
+    qa, qb = 0.5 / var[a], 0.5 / var[b]
+    big_a, big_b, big_c = qb - qa, -2 * d * qb, const[a] - const[b] + d * d * qb
+    r = _quadratic_roots(big_a, big_b, big_c) + np.repeat(mu[a], 2)
+    pts = np.unique(r[np.isfinite(r)])
+    if pts.size == 0:
+        return pts, np.array([_winner(np.array([mu[0]]), pi, mu, var)[0]])
+    span = max(1.0, float(np.abs(pts).max()))
+    probe = np.concatenate(([pts[0] - span], (pts[1:] + pts[:-1]) / 2, [pts[-1] + span]))
+    win = _winner(probe, pi, mu, var)
+    change = np.flatnonzero(win[1:] != win[:-1])
+    return pts[change], np.concatenate((win[:1], win[change + 1]))
+
+
+def _quadratic_roots(qa: np.ndarray, qb: np.ndarray, qc: np.ndarray) -> np.ndarray:
+    """Both real roots of qa y^2 + qb y + qc per row (nan where absent), cancellation-free."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        disc = qb * qb - 4 * qa * qc
+        q = -0.5 * (qb + np.copysign(np.sqrt(disc), qb))
+        r1 = np.where(qa != 0, q / qa, -qc / qb)  # qa == 0 (equal variances): linear
+        r2 = np.where(qa != 0, qc / q, np.nan)
+    return np.column_stack((r1, r2)).ravel()
+
+
+def _winner(x: np.ndarray, pi: np.ndarray, mu: np.ndarray, var: np.ndarray) -> np.ndarray:
+    return _log_joint(x, pi, mu, var).argmax(axis=0)
 
 
 def gmm_1d(
@@ -667,7 +701,8 @@ def gmm_1d(
     the mean log-likelihood improves by less than ``tol``. ``init="kmeans"`` starts from the
     optimal 1-D k-means partition, ``"random"`` from k values drawn with ``seed``. Variances are
     floored at ``var_floor`` (default: 1e-6 times the data variance, a relative version of
-    scikit-learn's ``reg_covar``, since weight variances are far below its absolute 1e-6).
+    scikit-learn's ``reg_covar``: its absolute 1e-6 is as large as the variance of a narrow
+    component of network weights).
 
     Returns the clustering (centroids = component means, sorted; labels = the component of highest
     responsibility for each value) and the :class:`GMMParams`, whose ``log_likelihood`` is the
@@ -683,26 +718,36 @@ def gmm_1d(
         raise ValueError(f"tol must be >= 0, got tol={tol!r}")
     if init not in ("kmeans", "random"):
         raise ValueError(f"init must be 'kmeans' or 'random', got init={init!r}")
-    atoms = _reduce(x, bins, k)
+    atoms, cuts, h = _reduce(x, bins, k)
     floor = _variance_floor(atoms) if var_floor is None else float(var_floor)
     if not floor > 0:
         raise ValueError(f"var_floor must be > 0, got var_floor={var_floor!r}")
-    params = _init_params(atoms, k, init, seed, floor)
+    params = _init_params(atoms, cuts, init, seed, floor)
     (pi, mu, var), n_iter, converged = _em(atoms, params, int(iters), float(tol), floor)
     order = np.argsort(mu, kind="stable")
     pi, mu, var = pi[order], mu[order], var[order]
-    ll, labels = _score(x, pi, mu, var)
+    labels = _piecewise_labels(x, h, *_argmax_steps(pi, mu, var))
+    ll = _mean_loglik(x, pi, mu, var)
     return Clustering1D(mu.copy(), labels), GMMParams(mu, var, pi, ll, n_iter, converged, floor)
 
 
-def _variance_floor(atoms: _Atoms) -> float:
+def _wsum(w: np.ndarray, v: np.ndarray) -> float:
+    """sum(w * v) without BLAS (whose threads only spin on a shared machine)."""
+    return float(np.einsum("i,i->", w, v))
+
+
+def _variance(atoms: _Atoms) -> float:
     n = atoms.w.sum()
-    mean = np.dot(atoms.w, atoms.x) / n
-    var = (np.dot(atoms.w, (atoms.x - mean) ** 2) + atoms.scatter.sum()) / n
+    d = atoms.x - _wsum(atoms.w, atoms.x) / n
+    return (_wsum(atoms.w, d * d) + float(atoms.scatter.sum())) / n
+
+
+def _variance_floor(atoms: _Atoms) -> float:
+    var = _variance(atoms)
     if var > 0:
-        return 1e-6 * float(var)
+        return 1e-6 * var
     # Constant input: any positive floor gives a (degenerate) valid mixture.
-    return 1e-12 * max(1.0, float(mean) ** 2)
+    return 1e-12 * max(1.0, float(atoms.x[0]) ** 2)
 
 
 # --------------------------------------------------------------------------------------------

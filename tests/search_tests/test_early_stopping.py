@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState, create_trial
 
+from models.errors import UserError
 from models.train import EpochRecord
+from objectives.objective import Objective, is_exportable
+from objectives.pipeline import Workbench
 from search.early_stopping import ParetoStopper, StopHook, StopRule, headroom
+from search.progress import front_trials, study_stats
+from search.studies import StudyConfig
+from spaces.plan import get_study_space
+from storage.codec import encode
+from storage.studies import open_artifact_store
 
 MIN = 3  # min_curves of the rule under test
 # A finished curve of this shape gains 0.05 from epoch 1 and 0.02 from epoch 2 to its end.
@@ -146,3 +155,52 @@ def test_stopper_makes_no_hook_for_a_single_epoch() -> None:
     hook = stopper.hook(trial, "int", 4.0, 3)
     assert isinstance(hook, StopHook) and hook.rule.min_curves == MIN
     assert ParetoStopper().rule == StopRule()
+
+
+# ------------------------------------------------------------------ how a stopped trial is recorded
+
+
+class _AlwaysStop(StopHook):
+    """Records the curve like StopHook, then stops after the first epoch (the decision is not under test)."""
+
+    def on_epoch_end(self, model: torch.nn.Module, record: EpochRecord) -> bool:
+        super().on_epoch_end(model, record)
+        return True
+
+
+def _stop_after_first_epoch(trial: optuna.Trial, family: str, ratio: float, epochs: int) -> StopHook:
+    return _AlwaysStop(StopRule(), trial, family, ratio)
+
+
+def _bench(digits_baseline) -> Workbench:  # noqa: ANN001 (conftest fixture type)
+    d = digits_baseline
+    return Workbench(d.preset, d.data, d.fresh(), d.record, len(encode(d.model)), torch.device("cpu"), 0)
+
+
+@pytest.mark.parametrize("stopped_as", ["pruned", "complete"])
+def test_a_stopped_trial_is_recorded_as_configured(stopped_as: str, digits_baseline, tmp_path) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    objective = Objective(
+        _bench(digits_baseline), get_study_space("quantization"), stopper=_stop_after_first_epoch,
+        artifact_store=open_artifact_store("", str(tmp_path / "artifacts")), stopped_as=stopped_as,
+    )
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(objective, n_trials=1)
+    t = study.trials[0]
+    assert t.user_attrs["stopped_at_epoch"] == 1 and t.user_attrs["curve"] and len(t.user_attrs["curve"]) == 1
+    assert "artifact_id" not in t.user_attrs  # never exported, so no artifact
+    if stopped_as == "pruned":
+        assert t.state == TrialState.PRUNED and t.values is None
+    else:
+        assert t.state == TrialState.COMPLETE and len(t.values) == 2
+        assert t.values[1] == pytest.approx(objective.bench.baseline_bytes / t.user_attrs["bytes"])
+    assert not is_exportable(t) and front_trials(study.trials) == []
+    stats = study_stats(study, digits_baseline.record.val_accuracy)
+    assert (stats.done, stats.stopped, stats.front, stats.hypervolume) == (1, 1, 0, 0.0)
+
+
+def test_stopped_as_is_validated() -> None:
+    with pytest.raises(UserError, match="stopped_as 'partial' is not valid"):
+        StudyConfig(stopped_as="partial")
+    assert StudyConfig.from_dict({"space": "all"}).stopped_as == "pruned"  # studies created before the option
+    assert StudyConfig(stopped_as="complete").to_dict()["stopped_as"] == "complete"
