@@ -12,7 +12,7 @@ from models.errors import UserError
 from models.train import EpochRecord
 from objectives.objective import Objective, is_exportable
 from objectives.pipeline import Workbench
-from search.early_stopping import ParetoStopper, StopHook, StopRule, headroom
+from search.early_stopping import ParetoStopper, StopHook, StopRule, gains_after, headroom
 from search.progress import front_trials, study_stats
 from search.studies import StudyConfig
 from spaces.plan import get_study_space
@@ -24,14 +24,20 @@ MIN = 3  # min_curves of the rule under test
 CURVE = [0.85, 0.88, 0.90]
 
 
-def test_headroom_is_the_largest_remaining_gain() -> None:
-    curves = [[0.5, 0.7, 0.8], [0.6, 0.65, 0.9], [0.7]]
-    assert headroom(curves, 1) == pytest.approx(0.3)
-    assert headroom(curves, 2) == pytest.approx(0.25)
-    assert headroom(curves, 3) is None  # no curve is longer than three epochs
-    assert headroom([], 1) is None
-    # A curve that falls at the end has negative headroom; the largest gain is still taken.
-    assert headroom([[0.9, 0.8]], 1) == pytest.approx(-0.1)
+def test_headroom_is_a_quantile_of_the_gains_near_the_level() -> None:
+    rule = StopRule(min_curves=3, window=0.05, quantile=0.5)
+    points = [(0.50, 0.30), (0.52, 0.10), (0.48, 0.20), (0.90, 0.01), (0.70, 0.4)]
+    assert headroom(points, 0.50, rule) == pytest.approx(0.20)  # median of 0.10, 0.20, 0.30
+    assert headroom(points, 0.50, StopRule(min_curves=3, window=0.05, quantile=1.0)) == pytest.approx(0.30)
+    assert headroom(points, 0.90, rule) is None  # one curve near 0.90: too few
+    assert headroom([], 0.5, rule) is None
+
+
+def test_gains_run_to_the_recorded_value() -> None:
+    t = _finished(0.93, 2.0, curve=[0.80, 0.90])
+    assert gains_after([t], 1) == [(0.80, pytest.approx(0.13))]
+    assert gains_after([t], 2) == [(0.90, pytest.approx(0.03))]
+    assert gains_after([t], 3) == []
 
 
 def _finished(acc: float, ratio: float, family: str = "int", curve: list[float] | None = None,
@@ -50,7 +56,7 @@ def _study(*trials: optuna.trial.FrozenTrial) -> optuna.Study:
 
 
 def _hook(study: optuna.Study, family: str = "int", ratio: float = 4.0, margin: float = 0.0) -> StopHook:
-    return StopHook(StopRule(min_curves=MIN, margin=margin), study.ask(), family, ratio)
+    return StopHook(StopRule(min_curves=MIN, window=0.1, quantile=1.0, margin=margin), study.ask(), family, ratio)
 
 
 def _epoch(hook: StopHook, epoch: int, acc: float) -> bool:
@@ -62,31 +68,27 @@ def _curves(n: int, family: str = "int", acc: float = 0.90, ratio: float = 1.0) 
     return [_finished(acc, ratio, family) for _ in range(n)]
 
 
-def test_never_stops_before_min_curves_of_the_family() -> None:
-    # A far better trial at a higher ratio exists, but only MIN-1 curves of our family.
+def test_never_stops_before_min_curves_near_its_accuracy() -> None:
+    # A far better trial at a higher ratio exists, but only MIN-1 curves (at 0.85 after epoch 1).
     study = _study(_finished(0.99, 8.0), *_curves(MIN - 2))
     hook = _hook(study)
-    assert not _epoch(hook, 1, 0.10)
-    assert not _epoch(hook, 2, 0.10)
+    assert not _epoch(hook, 1, 0.80)
+    assert not _epoch(hook, 2, 0.80)
 
 
-def test_stops_once_the_family_has_min_curves() -> None:
-    study = _study(_finished(0.99, 8.0), *_curves(MIN - 1))  # MIN curves of "int" in all
-    hook = _hook(study)
-    assert _epoch(hook, 1, 0.50)  # 0.99 > 0.50 + 0.05
+def test_stops_once_min_curves_are_near() -> None:
+    study = _study(_finished(0.99, 8.0), *_curves(MIN - 1))  # MIN curves in all
+    assert _epoch(_hook(study), 1, 0.80)  # 0.99 > 0.80 + 0.05
 
 
-def test_pooled_curves_are_used_at_twice_min_curves() -> None:
-    others = _curves(2 * MIN - 2, family="prune")
-    # Our family "codebook" has no curve; the pool (with the dominating trial) has 2*MIN-1.
-    study = _study(_finished(0.99, 8.0, family="prune"), *others)
-    assert not _epoch(_hook(study, family="codebook"), 1, 0.50)
-    study.add_trial(_finished(0.90, 1.0, family="prune"))  # now 2*MIN pooled curves
-    assert _epoch(_hook(study, family="codebook"), 1, 0.50)
+def test_curves_at_other_accuracies_do_not_count() -> None:
+    # The curves were at 0.85 after epoch 1; a trial at 0.50 has no evidence of its headroom.
+    study = _study(_finished(0.99, 8.0), *_curves(2 * MIN))
+    assert not _epoch(_hook(study), 1, 0.50)
 
 
 def test_stops_only_beyond_accuracy_plus_headroom_plus_margin() -> None:
-    study = _study(_finished(0.95, 8.0), *_curves(MIN))
+    study = _study(_finished(0.95, 8.0, curve=[0.95]), *_curves(MIN))
     # Headroom after epoch 1 is 0.05: 0.95 > acc + 0.05 stops exactly when acc < 0.90.
     assert not _epoch(_hook(study), 1, 0.91)
     assert _epoch(_hook(study), 1, 0.89)
@@ -102,40 +104,31 @@ def test_stops_only_beyond_accuracy_plus_headroom_plus_margin() -> None:
 def test_a_better_trial_with_a_lower_ratio_does_not_stop() -> None:
     study = _study(_finished(0.99, 3.9), *_curves(MIN))
     hook = _hook(study, ratio=4.0)
-    assert not _epoch(hook, 1, 0.10)
+    assert not _epoch(hook, 1, 0.80)
     # An equal ratio counts.
     study.add_trial(_finished(0.99, 4.0))
-    assert _epoch(_hook(study, ratio=4.0), 1, 0.10)
+    assert _epoch(_hook(study, ratio=4.0), 1, 0.80)
 
 
 def test_an_infeasible_dominating_trial_does_not_stop() -> None:
     study = _study(_finished(0.99, 8.0, constraints=[1.0]), *_curves(MIN))
-    assert not _epoch(_hook(study), 1, 0.10)
+    assert not _epoch(_hook(study), 1, 0.80)
 
 
 def test_pruned_and_partial_trials_are_not_references() -> None:
-    study = _study(
+    partial = [
         _finished(0.99, 8.0, state=TrialState.PRUNED),
         _finished(0.99, 8.0, stopped_at_epoch=1),  # COMPLETE with partial values (stopped_as="complete")
-        _finished(0.99, 8.0, curve=[0.99]),  # a trial without any remaining epoch is fine as a reference
-        *_curves(MIN - 1),
-    )
-    hook = _hook(study)
-    # References: only the full-budget trial (curve [0.99]). Curves: MIN of "int" (the partial one does not count).
-    assert _epoch(hook, 1, 0.50)
-    study2 = _study(
-        _finished(0.99, 8.0, state=TrialState.PRUNED),
-        _finished(0.99, 8.0, stopped_at_epoch=1),
-        *_curves(MIN),
-    )
-    assert not _epoch(_hook(study2), 1, 0.10)
+    ]
+    assert not _epoch(_hook(_study(*partial, *_curves(MIN))), 1, 0.80)
+    # A full-budget trial is a reference (its one-epoch curve is no evidence near 0.80).
+    assert _epoch(_hook(_study(*partial, _finished(0.99, 8.0, curve=[0.99]), *_curves(MIN))), 1, 0.80)
 
 
 def test_partial_curves_do_not_count_towards_headroom() -> None:
-    # MIN-1 full curves plus partial ones: still too few curves of the family -> never stops.
-    partial = [_finished(0.5, 1.0, curve=[0.5], stopped_at_epoch=1) for _ in range(2 * MIN)]
+    partial = [_finished(0.85, 1.0, stopped_at_epoch=1) for _ in range(2 * MIN)]
     study = _study(_finished(0.99, 8.0), *_curves(MIN - 2), *partial)
-    assert not _epoch(_hook(study), 1, 0.10)
+    assert not _epoch(_hook(study), 1, 0.80)
 
 
 def test_curve_is_recorded_each_epoch() -> None:
