@@ -267,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {row.name}: {row.rate:,.0f} images/s", flush=True)
         step_rows.append(row)
 
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if max(load_start, os.getloadavg()[0]) > 0.5 * cores:
+        notes.append(
+            "Other processes were using the cores during this run: every rate is a lower bound. Under "
+            "contention torch's multi-threaded ops (intra-op threads > 1) slow down far more than "
+            "single-threaded ones; `--threads 1` gives steadier numbers on a shared machine."
+        )
     gpu_rows = []
     if args.synthetic_resnet18_gpu:
         if torch.cuda.is_available():

@@ -263,6 +263,7 @@ def recalibrate_batchnorm(model: nn.Module, data: Splits, batches: int = 20, bat
     if not bns:
         return
     device = next(model.parameters()).device
+    momenta = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over the calibration batches
@@ -273,8 +274,8 @@ def recalibrate_batchnorm(model: nn.Module, data: Splits, batches: int = 20, bat
             if i >= batches:
                 break
             model(xb)
-    for bn in bns:
-        bn.momentum = 0.1
+    for bn, momentum in zip(bns, momenta, strict=True):
+        bn.momentum = momentum
     model.eval()
 
 

@@ -21,7 +21,7 @@ DIGITS_SPEC = DataSpec(
     size=8,
     num_classes=10,
     mean=(0.3053,),
-    std=(0.3760,),
+    std=(0.3759,),
     augment=False,
 )
 
