@@ -69,12 +69,13 @@ def test_bitops_of_lenet300_count_every_layer_and_the_policy() -> None:
     shape = (1, 1, 28, 28)
     assert sum(layer_macs(_lenet300(), shape).values()) == LENET300_MACS
     assert bitops(_lenet300(), shape) == LENET300_MACS * 32 * 32
-    # Default policy: fc1 and fc3 keep int8 weights; fc1's input (the image) stays fp32.
+    # Default policy: fc1 holds 88% of the weights, so it is not protected (max_share) and gets
+    # int4 weights, but with keep_first its input (the image) stays fp32; fc3 keeps int8 weights.
     model = _compress(
         _lenet300(), (Step("int", IntConfig(bits=4)), Step("actquant", ActQuantConfig(format="int8"))),
         LayerPolicy(), shape,
     )
-    assert bitops(model, shape) == 784 * 300 * 8 * 32 + 300 * 100 * 4 * 8 + 100 * 10 * 8 * 8
+    assert bitops(model, shape) == 784 * 300 * 4 * 32 + 300 * 100 * 4 * 8 + 100 * 10 * 8 * 8
     assert bitops(model, (4, 1, 28, 28)) == bitops(model, shape)  # per example
 
 

@@ -106,7 +106,7 @@ def test_gradual_hook_prunes_on_schedule() -> None:
     config = PruneConfig(sparsity=0.8, schedule="gradual")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    PRUNE.apply(model, config, ApplyContext())
+    PRUNE.apply(model, config, ApplyContext(policy=LayerPolicy(max_share=1.0)))  # protect both ends
     layers = masked_layers(model)
     assert len(layers) == 1 and sparsity_of(layers) == 0.0  # all-ones masks right after apply
     total = 100
