@@ -25,11 +25,16 @@ seeds with min-max bands) and the raw curves as JSON under ``--out``. Running it
 unfinished studies (``search.run`` continues a study up to ``--trials``); ``--analyze-only``
 only rebuilds the report from the studies already under ``--out``.
 
+The report also replays stopping-rule variants (the rule in ``search.early_stopping`` as the code
+has it, with other parameters, the previous rule, and an oracle bound) over the recorded curves of
+the runs without early stopping: cheap, no training.
+
 Usage::
 
     python benchmarks/search.py --out /tmp/searchbench                  # full: 3 configs x 3 seeds x 200 trials
     python benchmarks/search.py --trials 20 --seeds 1 --out /tmp/sb \\
         --md /tmp/sb/search.md --png /tmp/sb/search_hv.png             # smoke run, a minute or two
+    python benchmarks/search.py --out /tmp/searchbench --analyze-only       # rebuild the report
 """
 
 from __future__ import annotations
@@ -65,7 +70,6 @@ class Config:
     key: str
     label: str
     args: tuple[str, ...]
-    headroom_quantile: float | None = None  # experiment: patch the stopping rule's headroom
 
 
 CONFIGS = (
@@ -73,30 +77,8 @@ CONFIGS = (
     Config("tpe", "TPE, no early stopping", ("--no-early-stopping",)),
     Config("random", "random, no early stopping", ("--sampler", "random", "--no-early-stopping")),
 )
-# Experiments, only on request (--configs): the stopping rule with the headroom estimated by a
-# quantile of the finished curves' gains instead of their maximum (patched in the run's process;
-# nothing in search/ changes).
-EXPERIMENTS = tuple(
-    Config(
-        f"tpe+es-q{int(q * 100)}",
-        f"TPE + early stopping, headroom = q{int(q * 100)} of gains (experiment)",
-        (),
-        q,
-    )
-    for q in (0.75, 0.8, 0.9)
-)
-BY_KEY = {c.key: c for c in CONFIGS + EXPERIMENTS}
+BY_KEY = {c.key: c for c in CONFIGS}
 DEFAULT_CONFIGS = ",".join(c.key for c in CONFIGS)
-PATCH = """import sys
-import numpy as np
-import search.early_stopping as es
-def headroom(curves, epoch):
-    gains = [c[-1] - c[epoch - 1] for c in curves if len(c) > epoch]
-    return float(np.quantile(gains, {q})) if gains else None
-es.headroom = headroom
-from search.run import main
-raise SystemExit(main(sys.argv[1:]))
-"""
 
 
 @dataclass
@@ -118,6 +100,7 @@ class RunCurve:
     load_after: float | None = None
     t_first: str | None = None
     t_last: str | None = None
+    per_trial: list[tuple[int, float]] = field(default_factory=list)  # (epochs, objective seconds)
 
     @property
     def n(self) -> int:
@@ -134,12 +117,10 @@ def storage_url(out: Path, config: str, seed: int) -> str:
 
 def run_command(out: Path, config: Config, seed: int, trials: int) -> list[str]:
     """The ``search.run`` command of one run."""
-    if config.headroom_quantile is not None:
-        head = [sys.executable, "-c", PATCH.format(q=config.headroom_quantile)]
-    else:
-        head = [sys.executable, "-m", "search.run"]
     return [
-        *head,
+        sys.executable,
+        "-m",
+        "search.run",
         "--preset",
         PRESET,
         "--study",
@@ -177,8 +158,12 @@ def train_baselines(out: Path, seeds: list[int]) -> dict[int, float]:
 
 def run_one(
     out: Path, config: Config, seed: int, trials: int, threads: int
-) -> dict[str, float | int]:
-    """Run (or resume) one study to ``trials`` in a subprocess; its output goes to a log file."""
+) -> dict[str, float | int | str] | None:
+    """Run (or resume) one study to ``trials`` in a subprocess; its output goes to a log file.
+    None when the study is already complete (its recorded run metadata stays)."""
+    if finished_trials(out, config.key, seed) >= trials:
+        print(f"complete already: {config.key} seed {seed}", flush=True)
+        return None
     cmd = run_command(out, config, seed, trials)
     log = out / "logs" / f"{study_name(config.key, seed)}.log"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -210,28 +195,33 @@ def run_one(
     }
 
 
-CODE_FILES = (
-    "search/run.py",
-    "search/worker.py",
-    "search/early_stopping.py",
-    "search/samplers.py",
-    "objectives/objective.py",
-    "objectives/pipeline.py",
-    "models/train.py",
-    "spaces/plan.py",
-)
+CODE_PACKAGES = ("models", "spaces", "storage", "objectives", "search")
 
 
 def code_fingerprint() -> str:
-    """A short hash of the files that decide what a run does (other work may edit the tree while
-    the benchmark runs: runs with different fingerprints ran different code)."""
+    """A short hash of every module of the packages a run imports (other work may edit the tree
+    while the benchmark runs: runs with different fingerprints ran different code)."""
     import hashlib
 
     h = hashlib.sha256()
-    for f in CODE_FILES:
-        path = ROOT / f
-        h.update(path.read_bytes() if path.exists() else b"")
+    for pkg in CODE_PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:12]
+
+
+def finished_trials(out: Path, config: str, seed: int) -> int:
+    """Complete or stopped trials already in a run's study (0 when there is none)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        study = optuna.load_study(
+            study_name=study_name(config, seed), storage=storage_url(out, config, seed)
+        )
+    except KeyError:
+        return 0
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
 def trial_epochs(t) -> int:  # noqa: ANN001 - FrozenTrial
@@ -275,6 +265,7 @@ def measure(out: Path, config: str, seed: int, max_trials: int) -> RunCurve:
         finished.append(t)
         epochs += trial_epochs(t)
         curve.trial_seconds += float(t.user_attrs.get("wall_seconds", 0.0))
+        curve.per_trial.append((trial_epochs(t), float(t.user_attrs.get("wall_seconds", 0.0))))
         curve.stopped += t.state == TrialState.PRUNED or "stopped_at_epoch" in t.user_attrs
         curve.infeasible += t.state == TrialState.COMPLETE and not is_feasible(t)
         curve.hv.append(study_hypervolume(finished, base))
@@ -303,9 +294,10 @@ def mean_curve(
     curves: list[RunCurve], axis: str, points: int = 400
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Mean, min and max over seeds of HV on a common grid of ``axis`` (epochs, wall or trials),
-    up to the shortest run's end (no seed is extrapolated)."""
+    up to the longest run's end; a run that ended earlier stays at its final HV (what that budget
+    bought), so the mean reaches the mean of the final HVs exactly at the longest run's end."""
     xs_per = [list(range(1, c.n + 1)) if axis == "trials" else getattr(c, axis) for c in curves]
-    end = min(x[-1] for x in xs_per)
+    end = max(x[-1] for x in xs_per)
     grid = np.linspace(0.0, end, points)
     ys = np.array(
         [[step_value(x, c.hv, g) for g in grid] for x, c in zip(xs_per, curves, strict=True)]
@@ -351,25 +343,33 @@ def mean_std(values: list[float | None]) -> tuple[float | None, float]:
 
 @dataclass(frozen=True)
 class ReplayRule:
-    """A variant of the stopping rule of ``search.early_stopping`` (``estimator`` "max" is the
-    shipped one: the largest gain of the family's finished curves, else of the pooled ones)."""
+    """A stopping rule to replay.
+
+    ``estimator`` "current" replays the rule in ``search.early_stopping`` as the code has it now
+    (``headroom(gains_after(...), accuracy, StopRule(**params))``), with ``params`` overriding
+    ``StopRule`` fields; "max" is the rule the tree had until 2026-11-23 11:43 (the largest
+    remaining gain of the family's >= ``min_curves`` finished curves, else of all when there are
+    >= 2 x ``min_curves``), "q90" the same with the 90th percentile; "oracle" knows each trial's
+    final accuracy and stops after epoch 1 every trial that a finished one dominates.
+    """
 
     name: str
     min_curves: int = 5
     margin: float = 0.0
-    estimator: str = (
-        "max"  # max | q90 | near (max gain of curves within 5 points of ours at that epoch)
-    )
+    estimator: str = "max"
+    params: tuple[tuple[str, float], ...] = ()
 
 
 REPLAY_RULES = (
-    ReplayRule("shipped: min_curves 5, margin 0, max gain"),
-    ReplayRule("min_curves 2", min_curves=2),
-    ReplayRule("min_curves 10", min_curves=10),
-    ReplayRule("margin 0.01", margin=0.01),
-    ReplayRule("90th-percentile gain", estimator="q90"),
-    ReplayRule("max gain of curves within 5 points", estimator="near"),
-    ReplayRule("max gain of curves within 5 points, margin 0.01", estimator="near", margin=0.01),
+    ReplayRule("current rule (StopRule() defaults)", estimator="current"),
+    ReplayRule("current rule, quantile 0.75", estimator="current", params=(("quantile", 0.75),)),
+    ReplayRule("current rule, quantile 0.8", estimator="current", params=(("quantile", 0.8),)),
+    ReplayRule("current rule, window 0.02", estimator="current", params=(("window", 0.02),)),
+    ReplayRule("current rule, min_curves 5", estimator="current", params=(("min_curves", 5),)),
+    ReplayRule("current rule, margin 0.01", estimator="current", params=(("margin", 0.01),)),
+    ReplayRule("previous rule (until 11:43): max gain, min_curves 5 (the measured runs above)"),
+    ReplayRule("previous rule, min_curves 2", min_curves=2),
+    ReplayRule("previous rule, 90th-percentile gain", estimator="q90"),
     ReplayRule(
         "bound: an oracle that stops after epoch 1 every trial a finished one dominates",
         estimator="oracle",
@@ -377,22 +377,26 @@ REPLAY_RULES = (
 )
 
 
+def _current_headroom(
+    rule: ReplayRule, finished: list, epoch: int, acc: float
+) -> tuple[float | None, float]:  # noqa: ANN001
+    """Headroom and margin of the rule in ``search.early_stopping`` today."""
+    from search import early_stopping as es
+
+    stop_rule = es.StopRule(**dict(rule.params))
+    return es.headroom(es.gains_after(finished, epoch), acc, stop_rule), stop_rule.margin
+
+
 def _headroom(
     rule: ReplayRule, finished: list, family: str, epoch: int, acc: float
 ) -> float | None:  # noqa: ANN001
     def est(curves: list[list[float]]) -> float | None:
-        if rule.estimator == "near":
-            curves = [c for c in curves if len(c) > epoch and abs(c[epoch - 1] - acc) <= 0.05]
-            if len(curves) < rule.min_curves:
-                return None
         gains = [c[-1] - c[epoch - 1] for c in curves if len(c) > epoch]
         if not gains:
             return None
         return float(np.quantile(gains, 0.9)) if rule.estimator == "q90" else max(gains)
 
     own = [t.user_attrs["curve"] for t in finished if t.user_attrs.get("families") == family]
-    if rule.estimator == "near":
-        return est([t.user_attrs["curve"] for t in finished])
     if len(own) >= rule.min_curves:
         return est(own)
     pooled = [t.user_attrs["curve"] for t in finished]
@@ -444,8 +448,14 @@ def replay(
                 if max(better) > t.values[0]:
                     stop_at = e
                 break
-            room = _headroom(rule, fin, t.user_attrs.get("families"), e, curve[e - 1])
-            if room is not None and max(better) > curve[e - 1] + room + rule.margin:
+            if rule.estimator == "current":
+                room, margin = _current_headroom(rule, fin, e, curve[e - 1])
+            else:
+                room, margin = (
+                    _headroom(rule, fin, t.user_attrs.get("families"), e, curve[e - 1]),
+                    rule.margin,
+                )
+            if room is not None and max(better) > curve[e - 1] + room + margin:
                 stop_at = e
                 break
         if stop_at is None:
@@ -509,6 +519,7 @@ def es_vs_noes(es_all: list[RunCurve], noes_all: list[RunCurve]) -> dict[str, ob
         b = next(c for c in noes if c.seed == a.seed)
         t = min(a.hv[-1], b.hv[-1])
         ea, eb = cost_to_reach(a, t), cost_to_reach(b, t)
+        wa, wb = cost_to_reach(a, t, "wall"), cost_to_reach(b, t, "wall")
         per_seed.append(
             {
                 "seed": a.seed,
@@ -517,11 +528,19 @@ def es_vs_noes(es_all: list[RunCurve], noes_all: list[RunCurve]) -> dict[str, ob
                 "target": t,
                 "epochs_es": ea,
                 "epochs_noes": eb,
+                "wall_es": wa,
+                "wall_noes": wb,
                 "saving": 1.0 - ea / eb if ea is not None and eb else None,
                 "epochs_es_to_noes_final": cost_to_reach(a, b.hv[-1]),
             }
         )
+    paired = [p["saving"] for p in per_seed if p["saving"] is not None]
+    paired_wall = [
+        1.0 - p["wall_es"] / p["wall_noes"] for p in per_seed if p["wall_es"] and p["wall_noes"]
+    ]
     return {
+        "paired_saving": mean_std(paired),
+        "paired_wall_saving": mean_std(paired_wall),
         "seeds": sorted(seeds),
         "hv_es": m_es,
         "hv_es_std": s_es,
@@ -590,6 +609,9 @@ def plot(curves: dict[str, list[RunCurve]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    # The first trials go from 0 to most of the final HV; start the axis at the 10th trial's HV.
+    early = [c.hv[min(9, c.n - 1)] for cs in curves.values() for c in cs if c.n]
+    y_low = max(0.0, min(early) - 0.02) if early else 0.0
     colors = {"tpe+es": "tab:blue", "tpe": "tab:orange", "random": "tab:green"}
     for ax, axis, xlabel in zip(
         axes,
@@ -610,11 +632,15 @@ def plot(curves: dict[str, list[RunCurve]], path: Path) -> None:
                 grid, mean, color=colors.get(key), label=f"{BY_KEY[key].label} ({len(cs)} seeds)"
             )
             ax.fill_between(grid, lo, hi, color=colors.get(key), alpha=0.2, linewidth=0)
+        ax.set_ylim(bottom=y_low)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("hypervolume (acc x log ratio)")
         ax.grid(alpha=0.3)
     axes[0].legend(loc="lower right", fontsize=8)
-    fig.suptitle("digits, --study all: hypervolume vs cost (mean over seeds, band = min..max)")
+    fig.suptitle(
+        "digits, --study all: hypervolume vs cost (mean over seeds, band = min..max; "
+        "a seed's run that ended stays at its final HV)"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -623,6 +649,12 @@ def plot(curves: dict[str, list[RunCurve]], path: Path) -> None:
 
 def fmt_opt(x: float | None, fmt: str = "{:.0f}") -> str:
     return "not reached" if x is None else fmt.format(x)
+
+
+def pct(m_s: tuple[float | None, float]) -> str:
+    """``mean ± std`` of fractions, in percent."""
+    m, sd = m_s
+    return "-" if m is None else f"{100 * m:.1f} ± {100 * sd:.1f} %"
 
 
 def goal1_lines(g1: dict, title: str) -> list[str]:
@@ -634,21 +666,30 @@ def goal1_lines(g1: dict, title: str) -> list[str]:
         f"Final HV with early stopping {g1['hv_es']:.4f} ± {g1['hv_es_std']:.4f}, without {g1['hv_noes']:.4f} ± "
         f"{g1['hv_noes_std']:.4f} (equal within the seed spread {g1['spread']:.4f}: {'yes' if g1['equal_hv'] else 'no'}). "
         f"Epochs the mean-over-seeds curves need to reach the HV both reach ({g1['target']:.4f}): "
-        f"{fmt_opt(g1['epochs_es'])} with early stopping, {fmt_opt(g1['epochs_noes'])} without: **{sv} saved** "
-        f"(wall-clock {fmt_opt(g1['wall_es'])} s vs {fmt_opt(g1['wall_noes'])} s). At equal trial count the runs "
+        f"{fmt_opt(g1['epochs_es'])} with early stopping, {fmt_opt(g1['epochs_noes'])} without: **{sv} saved**"
+        + (
+            f" (wall-clock {g1['wall_es']:.0f} s vs {g1['wall_noes']:.0f} s). "
+            if g1["wall_es"] is not None and g1["wall_noes"] is not None
+            else " (wall-clock: per seed below). "
+        )
+        + "At equal trial count the runs "
         f"spent {g1['total_epochs_es']:.0f} vs {g1['total_epochs_noes']:.0f} epochs "
-        f"({100 * g1['saving_at_equal_trials']:.1f} % saved).",
+        f"({100 * g1['saving_at_equal_trials']:.1f} % saved). Paired per seed (below), the saving at the HV "
+        f"both runs of a seed reach is {pct(g1['paired_saving'])} of epochs and {pct(g1['paired_wall_saving'])} "
+        "of wall-clock.",
         "",
         "   Per seed (same baseline, so HVs compare exactly; target = the lower of the two final HVs):",
         "",
-        "   | seed | final HV ES | final HV no-ES | epochs ES to target | epochs no-ES to target | saved | epochs ES to no-ES final HV |",
-        "   |---|---|---|---|---|---|---|",
+        "   | seed | final HV ES | final HV no-ES | epochs ES to target | epochs no-ES to target | saved "
+        "| wall s ES / no-ES to target | epochs ES to no-ES final HV |",
+        "   |---|---|---|---|---|---|---|---|",
     ]
     for p in g1["per_seed"]:
         saved = "-" if p["saving"] is None else f"{100 * p['saving']:.1f} %"
         lines.append(
             f"   | {p['seed']} | {p['hv_es']:.4f} | {p['hv_noes']:.4f} | {fmt_opt(p['epochs_es'])} | "
-            f"{fmt_opt(p['epochs_noes'])} | {saved} | {fmt_opt(p['epochs_es_to_noes_final'])} |"
+            f"{fmt_opt(p['epochs_noes'])} | {saved} | {fmt_opt(p['wall_es'])} / {fmt_opt(p['wall_noes'])} | "
+            f"{fmt_opt(p['epochs_es_to_noes_final'])} |"
         )
     return [*lines, ""]
 
@@ -707,6 +748,24 @@ def report(
             f"{ms([at(c, 200) for c in cs])} | {ep} | {wall} | "
             f"{np.mean([c.stopped for c in cs]):.1f} / {np.mean([c.infeasible for c in cs]):.1f} | {overhead} | {reach} |"
         )
+    fits = []
+    for cs in curves.values():
+        for c in cs:
+            pts = np.array(c.per_trial, dtype=float)
+            if len(pts) > 10 and np.ptp(pts[:, 0]) > 0:
+                a, b = np.linalg.lstsq(
+                    np.vstack([np.ones(len(pts)), pts[:, 0]]).T, pts[:, 1], rcond=None
+                )[0]
+                fits.append((a, b))
+    if fits:
+        fa, fb = np.array(fits).T
+        lines += [
+            "",
+            f"Cost of a trial (least squares of each run's trial seconds on its epochs, range over runs): "
+            f"{fa.min():.2f}..{fa.max():.2f} s fixed (compress, predict size, encode, evaluate) + "
+            f"{fb.min():.2f}..{fb.max():.2f} s per fine-tune epoch, so epochs saved give back less wall-clock "
+            "than their share of epochs.",
+        ]
     lines += [
         "",
         "Hypervolume after n trials (mean ± std over seeds):",
@@ -752,8 +811,9 @@ def report(
             "",
             "Not a run: each rule is replayed over the recorded per-epoch curves of the `TPE, no early stopping` "
             "runs, in trial order (a trial the rule stops after epoch e spends e epochs and leaves the front; the "
-            "sampler is not replayed, so a real run would then propose other trials). The shipped rule's replay "
-            "is a check against the measured `TPE + early stopping` runs above. Mean ± std over seeds.",
+            "sampler is not replayed, so a real run would then propose other trials). The row of the rule the "
+            "measured `TPE + early stopping` runs used checks the replay against them (at equal trial count). "
+            "Mean ± std over seeds.",
             "",
             *meta["replay"],
             "",
@@ -800,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--configs",
         default=DEFAULT_CONFIGS,
-        help=f"comma list of {DEFAULT_CONFIGS} (default) and experiments {', '.join(c.key for c in EXPERIMENTS)}",
+        help=f"comma list, any of {DEFAULT_CONFIGS} (default: all)",
     )
     p.add_argument(
         "--out",
@@ -866,6 +926,8 @@ def main(argv: list[str] | None = None) -> int:
                 except RuntimeError as exc:  # report the others anyway
                     print(f"error: {exc}", file=sys.stderr)
                     continue
+                if info is None:
+                    continue
                 runs_meta[f"{key}/{s}"] = {
                     **runs_meta.get(f"{key}/{s}", {}),
                     **info,
@@ -905,11 +967,13 @@ def main(argv: list[str] | None = None) -> int:
     loads = [v.get("load_before") for v in runs] + [v.get("load_after") for v in runs]
     loads = [x for x in loads if x is not None]
     run_desc = ", ".join(f"{k} x {len(curves.get(k, []))} seeds x {trials[k]} trials" for k in keys)
-    codes = sorted({v["code"] for v in runs if v.get("code")})
-    if codes:
-        run_desc += (
-            f"; code fingerprint(s) of {', '.join(CODE_FILES)} at run starts: {', '.join(codes)}"
-        )
+    by_code: dict[str, list[str]] = {}
+    for k, v in runs_meta.items():
+        if not k.startswith("_") and v.get("code"):
+            by_code.setdefault(v["code"], []).append(k)
+    if by_code:
+        groups = "; ".join(f"{c}: {', '.join(sorted(ks))}" for c, ks in by_code.items())
+        run_desc += f"; code fingerprint at each run's start (runs that share one ran the same code): {groups}"
     if loads:
         run_desc += (
             f"; 1-minute load average at run starts/ends {min(loads):.1f}..{max(loads):.1f} on {cores} cores "
@@ -921,13 +985,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     span = [t for cs in curves.values() for c in cs for t in (c.t_first, c.t_last) if t]
     elapsed = f"studies from {min(span)} to {max(span)}" if span else ""
+    previous = runs_meta.get("_commands", {}).get("list", [])
+    if "command" in runs_meta.get("_command", {}):  # the first format of runs.json
+        previous = [runs_meta["_command"]["command"], *previous]
     if args.analyze_only:
-        command = (
-            runs_meta.get("_command", {}).get("command", "?") + f"`; report rebuilt with `{command}"
-        )
+        command = "`, then `".join(previous or ["?"]) + f"`; report rebuilt with `{command}"
     else:
-        runs_meta["_command"] = {"command": command}
+        runs_meta["_commands"] = {"list": [*previous, command]}
+        runs_meta.pop("_command", None)
         runs_file.write_text(json.dumps(runs_meta, indent=1))
+        command = "`, then `".join(runs_meta["_commands"]["list"])
         elapsed = f"{(time.perf_counter() - started) / 60:.1f} min; " + elapsed
     meta = {
         "command": command,
