@@ -12,7 +12,8 @@ recorded (finalized) accuracy. Gains are heavy-tailed (on digits the median is a
 the 90th percentile 12-15 points), so a plain maximum over all curves lets one dramatic recovery
 veto every stop; conditioning on the accuracy level keeps such recoveries where they happen (low
 accuracies). Until ``min_curves`` such curves exist the stopper never stops. The rule was chosen
-by replaying real digits studies (BENCHMARKS.md).
+by replaying real digits studies (seeds 0-2) and confirmed on fresh seeds 3-5 in live runs:
+35% of epochs saved at 200 trials, 40% at equal hypervolume (BENCHMARKS.md).
 
 Only trials that trained their full budget count, as references and as curves: a stopped trial
 recorded COMPLETE with partial values (``stopped_as="complete"``) never enters the exported front,
@@ -43,9 +44,9 @@ class StopRule:
         margin: Extra accuracy (0..1) added to the optimistic estimate: more margin, fewer stops.
     """
 
-    min_curves: int = 10
+    min_curves: int = 5
     window: float = 0.05
-    quantile: float = 0.9
+    quantile: float = 0.75
     margin: float = 0.0
 
 
