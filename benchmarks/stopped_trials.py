@@ -11,7 +11,8 @@ user would export. It also reports how long the two runs sampled the very same p
 sampler's seed is the same, so they differ only once the sampler reacts to the stopped trials).
 Prints a markdown report and writes it to benchmarks/stopped_trials.md (``--out``). Each run is
 one worker process; seconds to tens of seconds per trial on 2 (shared) CPU cores. Studies are
-kept in ``--workdir`` and a finished one is reused when the script runs again.
+kept in ``--workdir``: a finished one is reused when the script runs again, an interrupted one
+is run again from scratch.
 """
 
 from __future__ import annotations
@@ -56,7 +57,12 @@ def run_study(workdir: Path, seed: int, mode: str, trials: int, sampler: str, st
            "--seed", str(seed), "--sampler", sampler, "--stopped-as", mode, "--storage", url,
            "--store", str(store), "--name", name, "--quiet"]
     start = time.perf_counter()
-    if not db.exists() or _finished(url, name) < trials:
+    if db.exists() and _finished(url, name) < trials:
+        # An interrupted study is run again from scratch: resuming would restart the sampler's
+        # random stream mid-study and break the pairing of the two modes.
+        print(f"{db.name}: interrupted study, starting it again", file=sys.stderr, flush=True)
+        db.unlink()
+    if not db.exists():
         subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     optuna.logging.set_verbosity(optuna.logging.WARNING)
