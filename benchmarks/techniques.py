@@ -4,7 +4,9 @@ Each technique's moderate setting is applied to the preset's cached baseline, fi
 preset's budget, finalized and encoded: the same path as a search trial (objectives.pipeline).
 The ratio is bytes of the baseline over bytes of the artifact, both from storage.codec.
 
-    python benchmarks/techniques.py --preset mnist-lenet300 --dataset mnist-t10k --out benchmarks/techniques.md
+    python benchmarks/techniques.py --preset mnist-lenet300 --dataset mnist-t10k --data-dir ../shared/data
+
+``mnist-t10k`` looks in ``--data-dir``/mnist-t10k only (or name the folder: ``mnist-t10k:DIR``).
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="mnist-lenet300")
     p.add_argument("--dataset", default="mnist-t10k")
+    p.add_argument("--data-dir", default="data", help="where datasets live (mnist-t10k: DATA_DIR/mnist-t10k)")
     p.add_argument("--store", default="runs")
     p.add_argument("--out", default="benchmarks/techniques.md")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    bench = Workbench.load(args.preset, dataset=args.dataset, store=args.store, seed=args.seed, device=torch.device("cpu"))
+    bench = Workbench.load(
+        args.preset, dataset=args.dataset, data_dir=args.data_dir, store=args.store, seed=args.seed,
+        device=torch.device("cpu"),
+    )
     base_test = evaluate_split(bench.baseline, bench.data, "test")
     rows = [("baseline (fp32)", "-", bench.record.val_accuracy, base_test, bench.baseline_bytes, 1.0, 0.0)]
     for name in list_techniques():
@@ -48,7 +54,8 @@ def main() -> None:
     lines = [
         f"## Every technique at its moderate setting: {args.preset} on {bench.data.name}",
         "",
-        f"Command: `python benchmarks/techniques.py --preset {args.preset} --dataset {args.dataset}`, "
+        f"Command: `python benchmarks/techniques.py --preset {args.preset} --dataset {args.dataset} "
+        f"--data-dir {args.data_dir}`, "
         f"{datetime.now(UTC):%Y-%m-%d}, {platform.processor() or platform.machine()} CPU, torch {torch.__version__}.",
         f"Data: {bench.data.summary()}. Baseline: {bench.preset.baseline.epochs} epochs; each technique: "
         f"apply, {bench.preset.finetune.epochs}-epoch fine-tune, finalize, encode (the search trial's path). "

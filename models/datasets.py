@@ -8,7 +8,9 @@ used only to download, so small files in the real formats load without its check
 
 Names: ``cifar10``, ``cifar100``, ``mnist``, ``fashion-mnist``, ``digits`` (scikit-learn's bundled
 8x8 digits, offline), ``mnist-t10k[:DIR]`` (the official MNIST test set alone, split 8,000/2,000),
-``npz:PATH`` and ``imagefolder:PATH``.
+``npz:PATH`` and ``imagefolder:PATH``. ``mnist-t10k`` without ``:DIR`` looks in
+``DATA_DIR/mnist-t10k`` only; ``fashion-mnist`` looks in ``DATA_DIR/FashionMNIST/raw``, then where
+Debian's ``dataset-fashion-mnist`` package installs it (:data:`DEBIAN_FASHION_MNIST`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import gzip
 import pickle
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.error import URLError
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 from models.errors import DataNotFoundError, UnknownNameError, UserError
+from models.loader import is_resident, place
 from models.spec import DataSpec
 from models.tv import import_torchvision
 
@@ -71,9 +74,11 @@ _IMAGE_SUFFIXES = {
 
 @dataclass(frozen=True)
 class Splits:
-    """A dataset's train, validation and test splits as CPU tensors.
+    """A dataset's train, validation and test splits.
 
-    Images are uint8 ``(N, C, H, W)`` and contiguous; labels are int64 ``(N,)``.
+    Images are uint8 ``(N, C, H, W)`` and contiguous; labels are int64 ``(N,)``. As loaded they are
+    host tensors and ``device`` is None; :meth:`to` gives the copy *resident* on a device, whose
+    tensors every loader, evaluation and recalibration on that device uses without copying.
     """
 
     name: str
@@ -84,6 +89,25 @@ class Splits:
     y_val: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    device: torch.device | None = None
+
+    def to(self, device: torch.device | str) -> Splits:
+        """These splits resident on ``device``: each tensor copied there once, through
+        :func:`models.loader.place` (counted). Already resident there: ``self``, no copy."""
+        device = torch.device(device)
+        tensors = (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test)
+        if self.device is not None and all(is_resident(t, device) for t in tensors):
+            return self
+        return replace(
+            self,
+            x_train=place(self.x_train, device),
+            y_train=place(self.y_train, device),
+            x_val=place(self.x_val, device),
+            y_val=place(self.y_val, device),
+            x_test=place(self.x_test, device),
+            y_test=place(self.y_test, device),
+            device=device,
+        )
 
     def summary(self) -> str:
         """One line: split sizes, image shape and class count."""
@@ -183,11 +207,8 @@ def _load_raw(name: str, data_dir: Path, download: bool) -> Raw:
         return (prefix, *_load_cifar(prefix, data_dir, download), _SPECS[prefix])
     if prefix in ("mnist", "fashion-mnist"):
         return (prefix, *_load_mnist(prefix, data_dir, download), _SPECS[prefix])
-    candidates = [
-        data_dir / "mnist-t10k",
-        Path(__file__).resolve().parents[2] / "shared/data/mnist-t10k",
-    ]
-    return ("mnist-t10k", *_load_t10k(candidates), _SPECS["mnist-t10k"])
+    # Only --data-dir: any other folder is named explicitly as mnist-t10k:DIR.
+    return ("mnist-t10k", *_load_t10k([data_dir / "mnist-t10k"]), _SPECS["mnist-t10k"])
 
 
 def _check_val_fraction(val_fraction: float) -> None:
@@ -419,6 +440,9 @@ def _idx_pair(folder: Path, images: str, labels: str) -> Pair:
     return x[:, None], y.astype(np.int64)
 
 
+# Where `apt-get install dataset-fashion-mnist` puts the four IDX .gz files (all 70,000 images).
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
 _MNIST = {
     "mnist": ("MNIST", "MNIST", "https://ossci-datasets.s3.amazonaws.com/mnist/"),
     "fashion-mnist": (
@@ -432,27 +456,39 @@ _MNIST = {
 def _load_mnist(name: str, data_dir: Path, download: bool) -> tuple[Pair, Pair]:
     title, cls, url = _MNIST[name]
     folder = data_dir / cls / "raw"
+    # Fashion-MNIST may come from Debian's package: --data-dir first, then its install location.
+    folders = [folder, DEBIAN_FASHION_MNIST] if name == "fashion-mnist" else [folder]
+    found = _first_with(folders, _MNIST_FILES)
     reason = None
-    if not all(_find_idx(folder, f) for f in _MNIST_FILES) and download:
+    if found is None and download:
         reason = _download(
             title,
             lambda: getattr(import_torchvision().datasets, cls)(
                 root=str(data_dir), train=True, download=True
             ),
         )
-    if not all(_find_idx(folder, f) for f in _MNIST_FILES):
+        found = _first_with([folder], _MNIST_FILES)
+    if found is None:
         why = f"; {reason}" if reason else ""
         offline = (
             "; offline, dataset 'mnist-t10k' uses the MNIST test set alone"
             if name == "mnist"
-            else ""
+            else "; on Debian, `apt-get install dataset-fashion-mnist` provides them"
         )
         raise DataNotFoundError(
-            f"{title} not found in {folder} (expected {', '.join(_MNIST_FILES)}, each plain or .gz)"
-            f"{why}; download them from {url} into {folder}, or run once with network access"
-            f" (download enabled){offline}"
+            f"{title} not found in {' or '.join(str(f) for f in folders)} (expected "
+            f"{', '.join(_MNIST_FILES)}, each plain or .gz){why}; download them from {url} into "
+            f"{folder}, or run once with network access (download enabled){offline}"
         )
-    return _idx_pair(folder, *_MNIST_FILES[:2]), _idx_pair(folder, *_T10K_FILES)
+    return _idx_pair(found, *_MNIST_FILES[:2]), _idx_pair(found, *_T10K_FILES)
+
+
+def _first_with(folders: list[Path], files: tuple[str, ...]) -> Path | None:
+    """The first of ``folders`` holding every one of ``files`` (plain or .gz), else None."""
+    for folder in folders:
+        if all(_find_idx(folder, f) for f in files):
+            return folder
+    return None
 
 
 def _load_t10k(candidates: list[Path]) -> tuple[Pair, Pair]:

@@ -5,10 +5,18 @@ epoch is a ``randperm`` plus one gather per batch: no DataLoader worker processe
 host-to-device copies in the hot loop. Augmentation (random crop with reflect padding, horizontal
 flip) is done for the whole batch at once with index arithmetic, and normalisation is fused into
 the uint8 -> float conversion.
+
+Data reaches a device only through :func:`place`, which counts every copy it makes
+(:func:`transfer_stats`). A tensor :func:`place` returned is *resident* on its device: placing it
+again, or building a :class:`DeviceLoader` from it, copies nothing. ``Splits.to(device)`` places
+every split once, so a worker that keeps that resident copy (``Workbench.load`` does) builds its
+train, validation, calibration and BatchNorm loaders without moving data again.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -16,6 +24,72 @@ import torch
 from models.spec import DataSpec
 
 PAD = 4  # reflect padding of the random crop, as in the usual CIFAR recipe
+
+# Tensors returned by place(), by id. Weak values: an entry dies with its tensor, so a recycled id
+# never matches (the lookup also checks identity).
+_RESIDENT: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+# Reflect-padded copies of resident training images, by id of the images; dropped with them.
+_PADDED: dict[int, torch.Tensor] = {}
+_LOCK = threading.Lock()
+_COPIES = 0
+_BYTES = 0
+
+
+def is_resident(t: torch.Tensor, device: torch.device | str) -> bool:
+    """True when ``t`` is a tensor that :func:`place` returned for ``device``."""
+    return _RESIDENT.get(id(t)) is t and t.device == _concrete(torch.device(device))
+
+
+def _concrete(device: torch.device) -> torch.device:
+    """``device`` with the index its tensors report (``cuda`` -> ``cuda:<current>``)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if device.type not in ("cpu", "cuda") and device.index is None:
+        return torch.device(device.type, 0)
+    return device
+
+
+def place(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` resident on ``device``: the one way dataset tensors reach a loader's device.
+
+    A tensor already resident there (returned by an earlier ``place``) comes back as is and costs
+    nothing. Anything else is one counted copy (:func:`transfer_stats`) of ``t.nbytes`` bytes: a
+    host-to-device copy on a GPU. When ``t`` is on ``device`` already (host data for a CPU
+    loader) the result aliases its memory and no bytes move, but the copy is counted all the same,
+    so that a test on a CPU sees every loader built from non-resident data. The result is
+    contiguous; never modify it in place (every loader built from it shares it).
+    """
+    global _COPIES, _BYTES
+    device = torch.device(device)
+    if is_resident(t, device):
+        return t
+    out = t.to(device).contiguous()
+    if out is t:
+        out = t.detach()  # same memory, a distinct tensor: only this one is marked resident
+    with _LOCK:
+        _COPIES += 1
+        _BYTES += t.nbytes
+        _RESIDENT[id(out)] = out
+    return out
+
+
+def transfer_stats() -> tuple[int, int]:
+    """``(copies, bytes)`` that :func:`place` has made in this process so far."""
+    return _COPIES, _BYTES
+
+
+def padded_images(x: torch.Tensor) -> torch.Tensor:
+    """:func:`reflect_pad` of ``x``, made once per resident ``x`` and reused by every loader."""
+    if _RESIDENT.get(id(x)) is not x:
+        return reflect_pad(x)
+    key = id(x)
+    cached = _PADDED.get(key)
+    if cached is None:
+        cached = reflect_pad(x)
+        with _LOCK:
+            _PADDED[key] = cached
+        weakref.finalize(x, _PADDED.pop, key, None)
+    return cached
 
 
 def reflect_pad(x: torch.Tensor, pad: int = PAD) -> torch.Tensor:
@@ -108,10 +182,10 @@ class DeviceLoader:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
-        self.x = x.to(self.device).contiguous()
-        # Augmenting loaders keep a reflect-padded copy (made once) and crop from it each epoch.
-        self.padded = reflect_pad(self.x) if (train and spec.augment) else None
-        self.y = y.to(self.device, torch.int64)
+        self.x = place(x, self.device)
+        # Augmenting loaders crop from a reflect-padded copy, made once per resident split.
+        self.padded = padded_images(self.x) if (train and spec.augment) else None
+        self.y = place(y, self.device).to(torch.int64)
         self.batch_size = batch_size
         self.train = train
         self.augment = train and spec.augment

@@ -67,6 +67,11 @@ PRESETS: dict[str, Preset] = {
         Preset("cifar10-resnet18", "resnet18", "cifar10", _CIFAR_BASE, _CIFAR_FT, description="ResNet-18 on CIFAR-10 (GPU)"),
         Preset("cifar10-mobilenetv2", "mobilenetv2", "cifar10", _CIFAR_BASE, _CIFAR_FT, description="MobileNetV2 on CIFAR-10 (GPU)"),
         Preset("cifar10-wrn16-4", "wrn16_4", "cifar10", _CIFAR_BASE, _CIFAR_FT, description="WideResNet-16-4 on CIFAR-10 (GPU)"),
+        Preset(
+            "cifar10-resnet-mini", "resnet_mini", "cifar10",
+            baseline=_CIFAR_BASE.replace(epochs=15), finetune=_CIFAR_FT.replace(epochs=2),
+            description="small ResNet-10 (width 16) on CIFAR-10: quick runs and benchmarks/gpu.py",
+        ),
     )
 }
 DEFAULT_PRESET = "cifar10-resnet18"

@@ -43,6 +43,11 @@ class TrainConfig:
         warmup: Fraction of the steps spent warming up.
         label_smoothing: Cross-entropy label smoothing.
         seed: Seeds the model's dropout, the shuffling and the augmentation.
+        distill_weight: Weight ``w`` in [0, 1] of knowledge distillation from a teacher (the
+            uncompressed baseline in a trial): the loss is ``(1 - w) * CE + w * T^2 *
+            KL(softmax(teacher / T) || softmax(student / T))``. 0 (the default) trains on the
+            labels alone and needs no teacher.
+        distill_temperature: Softmax temperature ``T`` > 0 of the distillation term.
     """
 
     epochs: int = 10
@@ -55,6 +60,8 @@ class TrainConfig:
     warmup: float = 0.0
     label_smoothing: float = 0.0
     seed: int = 0
+    distill_weight: float = 0.0
+    distill_temperature: float = 4.0
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -71,10 +78,23 @@ class TrainConfig:
             raise UserError(f"warmup must be in [0, 1), got {self.warmup}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UserError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise UserError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+        if not self.distill_temperature > 0:
+            raise UserError(f"distill_temperature must be > 0, got {self.distill_temperature}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form, with a version."""
-        return {"version": CONFIG_VERSION, **asdict(self)}
+        """JSON-serialisable form, with a version.
+
+        The distillation fields appear only when they differ from their defaults: a config that
+        does not distil serialises exactly as before they existed, so baseline cache keys and
+        recorded presets stay the same (and :meth:`from_dict` fills them in when absent).
+        """
+        d = asdict(self)
+        for name in _OPTIONAL_AT_DEFAULT:
+            if d[name] == TrainConfig.__dataclass_fields__[name].default:
+                del d[name]
+        return {"version": CONFIG_VERSION, **d}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -91,6 +111,9 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied."""
         return TrainConfig(**{**asdict(self), **changes})
+
+
+_OPTIONAL_AT_DEFAULT = ("distill_weight", "distill_temperature")
 
 
 @dataclass(frozen=True)
@@ -279,6 +302,19 @@ def recalibrate_batchnorm(model: nn.Module, data: Splits, batches: int = 20, bat
     model.eval()
 
 
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch.
+
+    The ``T^2`` keeps the gradient's scale independent of ``T`` (Hinton et al., 2015). Computed in
+    fp32 whatever the logits' dtype (bf16 under autocast).
+    """
+    t = temperature
+    log_p_student = torch.log_softmax(student.float() / t, dim=1)
+    log_p_teacher = torch.log_softmax(teacher.float() / t, dim=1)
+    kl = nn.functional.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return kl * (t * t)
+
+
 def train(
     model: nn.Module,
     data: Splits,
@@ -287,17 +323,36 @@ def train(
     device: torch.device | None = None,
     hooks: Sequence[TrainHook] = (),
     log: Callable[[str], None] | None = None,
+    teacher: nn.Module | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data.train`` per ``config``, validating on ``data.val`` after each epoch.
 
     The model is moved to ``device`` (default: CUDA if available) and left in eval mode. On CUDA
-    the model runs channels-last under bf16 autocast; on CPU in fp32.
+    the model runs channels-last under bf16 autocast; on CPU in fp32. Splits resident on
+    ``device`` (``data.to(device)``) are used in place; host splits are copied there per loader.
+
+    With ``config.distill_weight > 0``, ``teacher`` (required) is run in eval mode without
+    gradients on each training batch and the loss mixes cross-entropy with
+    :func:`distillation_loss`. The teacher is moved to ``device`` (in place, a no-op when it is
+    there already) and its train/eval mode is restored afterwards; its weights are not changed.
     """
+    distill = config.distill_weight > 0
+    if distill and teacher is None:
+        raise UserError(
+            f"distill_weight {config.distill_weight} needs a teacher model; pass teacher= or set distill_weight=0"
+        )
     device = device or default_device()
     torch.manual_seed(config.seed)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    teacher_was_training = False
+    if distill and teacher is not None:
+        teacher.to(device)
+        if device.type == "cuda":
+            teacher.to(memory_format=torch.channels_last)  # the student's batches are channels-last
+        teacher_was_training = teacher.training
+        teacher.eval()
     train_loader, val_loader = loaders(data, config.batch_size, device, seed=config.seed)
     total_steps = config.epochs * len(train_loader)
     extra_groups = [g for h in hooks for g in h.param_groups(model)]
@@ -312,7 +367,10 @@ def train(
     for epoch in range(config.epochs):
         for xb, yb in train_loader:
             with autocast(device):
-                loss = criterion(model(xb), yb)
+                logits = model(xb)
+                loss = criterion(logits, yb)
+            if distill:
+                loss = _distill(loss, logits, teacher, xb, config)
             for h in hooks:
                 extra = h.loss(model, step, total_steps)
                 if extra is not None:
@@ -345,4 +403,22 @@ def train(
         model.train()
     result.seconds = time.perf_counter() - start
     model.eval()
+    if teacher is not None and teacher_was_training:
+        teacher.train()
     return result
+
+
+def _distill(
+    ce: torch.Tensor, logits: torch.Tensor, teacher: nn.Module | None, xb: torch.Tensor, config: TrainConfig
+) -> torch.Tensor:
+    """``(1 - w) * ce + w * distillation_loss``, the teacher run on the student's own batch."""
+    assert teacher is not None  # train() refuses distillation without one
+    with torch.no_grad(), autocast(xb.device):
+        target = teacher(xb)
+    if target.shape != logits.shape:
+        raise UserError(
+            f"teacher outputs {tuple(target.shape)} but the student {tuple(logits.shape)}; "
+            "the teacher must have the student's classes"
+        )
+    w = config.distill_weight
+    return (1.0 - w) * ce + w * distillation_loss(logits, target, config.distill_temperature)

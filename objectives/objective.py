@@ -1,15 +1,17 @@
 """The Optuna objective: a trial's plan -> (validation accuracy, compression ratio[, BitOPs]).
 
-Infeasible plans (over ``max_bytes`` or under ``min_ratio``, known before any training) are
-recorded with their untrained accuracy and a positive constraint value, and spend no training.
-Constraint values live in the user attribute ``constraints`` (<= 0 is feasible); samplers read
-them through :func:`constraints_of`. Early stopping is injected as a hook factory so that this
-package does not depend on ``search``.
+Every trial writes its :class:`objectives.record.TrialRecord` to its user attributes as the
+fields become known (the plan first, before anything can fail). Infeasible plans (over
+``max_bytes`` or under ``min_ratio``, known before any training) are recorded with their
+untrained accuracy and a positive constraint value, and spend no training. Constraint values
+live in the record's ``constraints`` (<= 0 is feasible); samplers read them through
+:func:`constraints_of`. Early stopping is injected as a hook factory so that this package does
+not depend on ``search``; a stopped trial is recorded PRUNED, its record keeping the epoch it
+stopped after and its (accuracy, ratio) at that point.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import tempfile
@@ -21,14 +23,15 @@ from typing import Any
 
 import optuna
 import torch
+from torch import nn
 
-from models.train import TrainHook, evaluate_split
+from models.train import EpochRecord, TrainHook, evaluate_split
+from objectives import record
 from objectives.pipeline import Outcome, Workbench, finish, prepare
 from objectives.size import bitops
-from spaces.plan import Plan, StudySpace, suggest_plan
+from spaces.plan import StudySpace, suggest_plan
 from spaces.policy import LayerPolicy
 
-STOPPED_AS = ("pruned", "complete")
 OBJECTIVES = {"acc": ("val_accuracy", "maximize"), "ratio": ("compression_ratio", "maximize"), "bitops": ("bitops", "minimize")}
 StopFactory = Callable[[optuna.Trial, str, float, int], TrainHook | None]
 
@@ -72,7 +75,7 @@ class Constraints:
 
 def constraints_of(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
     """Constraint values of a finished trial, for samplers' ``constraints_func``."""
-    return trial.user_attrs.get("constraints", [0.0]) or [0.0]
+    return trial.user_attrs.get(record.CONSTRAINTS, [0.0]) or [0.0]
 
 
 def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
@@ -83,16 +86,32 @@ def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
 def is_exportable(trial: optuna.trial.FrozenTrial) -> bool:
     """True for a COMPLETE, feasible trial that trained its full budget.
 
-    A stopped trial recorded COMPLETE with its partial values (``stopped_as="complete"``, marked
-    by the user attribute ``stopped_at_epoch``) informs the sampler but never enters the front:
-    applying its plan trains the full budget, so its recorded point is not reproducible.
+    Stopped trials are recorded PRUNED; studies made while a hidden option recorded them COMPLETE
+    with partial values (marked by ``stopped_at_epoch``) may still hold such trials, and those
+    never enter the front: applying their plan trains the full budget, so their recorded point is
+    not reproducible.
     """
     return (
         trial.state == optuna.trial.TrialState.COMPLETE
         and trial.values is not None
-        and "stopped_at_epoch" not in trial.user_attrs
+        and record.STOPPED_AT_EPOCH not in trial.user_attrs
         and is_feasible(trial)
     )
+
+
+class CurveRecorder(TrainHook):
+    """Writes the validation curve to the trial's record after every epoch (a stopped or
+    failed trial keeps the epochs it ran)."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+        self.curve: list[float] = []
+
+    def on_epoch_end(self, model: nn.Module, epoch: EpochRecord) -> bool:
+        """Record the epoch's validation accuracy; never stops."""
+        self.curve.append(epoch.val_accuracy)
+        record.write(self.trial, curve=self.curve)
+        return False
 
 
 class Objective:
@@ -111,17 +130,24 @@ class Objective:
         finetune_space: dict[str, tuple[float, float]] | None = None,
         seed: int = 0,
         log: Callable[[str], None] | None = None,
-        stopped_as: str = "pruned",
     ) -> None:
-        if stopped_as not in STOPPED_AS:
-            from models.errors import UserError
-
-            raise UserError(f"stopped_as {stopped_as!r} is not valid; use {' or '.join(STOPPED_AS)}")
-        self.stopped_as = stopped_as
         self.bench, self.space, self.objectives = bench, space, objectives
         self.constraints = constraints or Constraints()
         self.stopper, self.artifact_store = stopper, artifact_store
         self.policy, self.finetune_space, self.seed, self.log = policy, finetune_space, seed, log
+        self._context: dict[str, Any] | None = None
+
+    def context(self) -> dict[str, Any]:
+        """Record fields every trial of this worker shares (the manifest hashes the dataset:
+        computed once, on the first trial)."""
+        if self._context is None:
+            b = self.bench
+            self._context = {
+                "preset": b.preset.name, "dataset": b.data.name, "baseline_seed": b.seed,
+                "baseline_key": b.record.key, "baseline_bytes": b.baseline_bytes,
+                "device": _device_name(b.device), "manifest": record.manifest(b.data),
+            }
+        return self._context
 
     def trial_seed(self, trial: optuna.Trial) -> int:
         """The seed a trial (and ``search.apply`` of its plan) uses."""
@@ -132,89 +158,69 @@ class Objective:
         start = time.perf_counter()
         plan = suggest_plan(trial, self.space, self.policy, self.finetune_space)
         seed = self.trial_seed(trial)
-        trial.set_user_attr("plan", plan.to_dict())
-        trial.set_user_attr("families", plan.families)
-        trial.set_user_attr("seed", seed)
-        trial.set_user_attr("device", _device_name(self.bench.device))
+        # The plan first, before anything can fail: a failed trial still shows what it ran.
+        record.write(trial, plan=plan.to_dict(), families=plan.families, seed=seed, **self.context())
         prepared = prepare(self.bench, plan, seed)
         predicted_ratio = self.bench.baseline_bytes / prepared.predicted_bytes
-        trial.set_user_attr("predicted_bytes", prepared.predicted_bytes)
+        record.write(trial, predicted_bytes=prepared.predicted_bytes)
         violations = self.constraints.before_training(prepared.predicted_bytes, predicted_ratio)
         if any(v > 0 for v in violations):
             return self._infeasible(trial, prepared.model, prepared.predicted_bytes, predicted_ratio, violations, start)
-        hooks = []
+        hooks: list[TrainHook] = [CurveRecorder(trial)]
         if self.stopper is not None:
             epochs = plan.finetune.get("epochs", self.bench.preset.finetune.epochs)
             hook = self.stopper(trial, plan.families, predicted_ratio, int(epochs))
             if hook is not None:
                 hooks.append(hook)
         outcome = finish(self.bench, prepared, extra_hooks=hooks)
-        self._record(trial, outcome, start)
         violations += self.constraints.after_training(self.bench.record.val_accuracy, outcome.val_accuracy)
-        trial.set_user_attr("constraints", violations or [0.0])
-        if outcome.stopped:
-            trial.set_user_attr("stopped_at_epoch", outcome.epochs)
-            if self.stopped_as == "pruned":
-                raise optuna.TrialPruned(f"stopped after epoch {outcome.epochs}: dominated by a finished trial")
-        else:
-            self._upload(trial, outcome)  # a stopped trial is never exported: no artifact
+        self._record(trial, outcome, violations, start)
         values: list[float] = [outcome.val_accuracy, outcome.ratio]
+        if outcome.stopped:
+            # PRUNED (Optuna keeps no values): the record keeps where it stopped and its values
+            # there, for export's table. A stopped trial is never exported: no artifact.
+            names = [OBJECTIVES[o][0] for o in self.objectives[:2]]
+            record.write(trial, stopped_at_epoch=outcome.epochs, stopped_values=dict(zip(names, values, strict=True)))
+            raise optuna.TrialPruned(f"stopped after epoch {outcome.epochs}: dominated by a finished trial")
         if "bitops" in self.objectives:
             values.append(float(bitops(outcome.model, self.bench.input_shape())))
+        self._upload(trial, outcome, values)
         return tuple(values)
 
     def _infeasible(self, trial: optuna.Trial, model: torch.nn.Module, nbytes: int, ratio: float,
                     violations: list[float], start: float) -> tuple[float, ...]:
         acc = evaluate_split(model, self.bench.data, "val", self.bench.device)
-        trial.set_user_attr("constraints", violations)
-        trial.set_user_attr("infeasible", "size constraint violated before training")
-        trial.set_user_attr("bytes", nbytes)
-        trial.set_user_attr("wall_seconds", time.perf_counter() - start)
+        record.write(trial, constraints=violations, infeasible="size constraint violated before training",
+                     bytes=nbytes, wall_seconds=time.perf_counter() - start)
         values: list[float] = [acc, ratio]
         if "bitops" in self.objectives:
             values.append(float(bitops(model, self.bench.input_shape())))
         return tuple(values)
 
-    def _record(self, trial: optuna.Trial, outcome: Outcome, start: float) -> None:
-        trial.set_user_attr("bytes", outcome.bytes)
-        trial.set_user_attr("breakdown", outcome.breakdown)
-        trial.set_user_attr("curve", outcome.curve)
-        trial.set_user_attr("epochs", outcome.epochs)
-        trial.set_user_attr("wall_seconds", time.perf_counter() - start)
+    def _record(self, trial: optuna.Trial, outcome: Outcome, violations: list[float], start: float) -> None:
+        # The curve is already written, epoch by epoch, by the CurveRecorder.
+        record.write(trial, bytes=outcome.bytes, breakdown=outcome.breakdown, epochs=outcome.epochs,
+                     constraints=violations or [0.0], wall_seconds=time.perf_counter() - start)
         if self.log:
             self.log(
                 f"trial {trial.number}: {outcome.plan.families} acc {outcome.val_accuracy:.4f} "
                 f"ratio {outcome.ratio:.2f} ({outcome.bytes} B){' stopped' if outcome.stopped else ''}"
             )
 
-    def _upload(self, trial: optuna.Trial, outcome: Outcome) -> None:
+    def _upload(self, trial: optuna.Trial, outcome: Outcome, values: list[float]) -> None:
         if self.artifact_store is None:
             return
         from optuna.artifacts import upload_artifact
 
+        names = [OBJECTIVES[o][0] for o in self.objectives]
+        rec = record.TrialRecord.from_attrs(trial.user_attrs, trial=trial.number, values=dict(zip(names, values, strict=True)))
         with tempfile.TemporaryDirectory() as tmp:
             pcz, plan_file = Path(tmp) / f"trial-{trial.number}.pcz", Path(tmp) / f"trial-{trial.number}.plan.json"
             pcz.write_bytes(outcome.artifact)
-            plan_file.write_text(json.dumps(plan_record(outcome.plan, self.bench, trial.user_attrs["seed"]), indent=2))
-            ids = {
-                "artifact_id": upload_artifact(artifact_store=self.artifact_store, file_path=str(pcz), study_or_trial=trial),
-                "plan_artifact_id": upload_artifact(artifact_store=self.artifact_store, file_path=str(plan_file), study_or_trial=trial),
-            }
-        for k, v in ids.items():
-            trial.set_user_attr(k, v)
-
-
-def plan_record(plan: Plan, bench: Workbench, seed: int, **extra: Any) -> dict[str, Any]:
-    """The plan file: the plan plus what rebuilds its model (preset, dataset, seeds)."""
-    return {
-        "plan": plan.to_dict(),
-        "preset": bench.preset.name,
-        "dataset": bench.data.name,
-        "baseline_seed": bench.seed,
-        "seed": seed,
-        "baseline_bytes": bench.baseline_bytes,
-        **extra,
-    }
+            record.write_plan_file(plan_file, rec)
+            artifact_id = upload_artifact(artifact_store=self.artifact_store, file_path=str(pcz), study_or_trial=trial)
+            plan_id = upload_artifact(artifact_store=self.artifact_store, file_path=str(plan_file), study_or_trial=trial)
+        record.write(trial, artifact_id=artifact_id, plan_artifact_id=plan_id)
 
 
 def _device_name(device: torch.device) -> str:

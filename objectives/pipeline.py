@@ -26,9 +26,9 @@ from models.train import (
     recalibrate_batchnorm,
     train,
 )
-from spaces.plan import Plan, apply_plan, finalize_plan
+from objectives.size import measure
+from spaces.plan import AppliedPlan, Plan, apply_plan
 from spaces.registry import ApplyContext
-from storage.codec import encode, encode_with_report
 
 
 @dataclass
@@ -55,12 +55,19 @@ class Workbench:
         device: torch.device | None = None,
         log: Callable[[str], None] | None = None,
     ) -> Workbench:
-        """Load the data and the baseline (training and caching it on first use)."""
+        """Load the data and the baseline (training and caching it on first use).
+
+        The splits are moved to ``device`` once, here: every trial's loaders, calibration,
+        BatchNorm recalibration and evaluation use that resident copy. The baseline (the
+        distillation teacher) lives on ``device`` too.
+        """
         p = get_preset(preset)
         device = device or default_device()
-        data = load_dataset(dataset or p.dataset, data_dir, val_fraction=p.val_fraction, seed=seed)
+        host = load_dataset(dataset or p.dataset, data_dir, val_fraction=p.val_fraction, seed=seed)
+        data = host.to(device)
+        del host  # on a GPU the host copy is no longer needed
         model, record = load_or_train_baseline(p, data, seed=seed, store=store, device=device, log=log)
-        return cls(p, data, model, record, len(encode(model)), device, seed)
+        return cls(p, data, model, record, measure(model).bytes, device, seed)
 
     def input_shape(self) -> tuple[int, int, int, int]:
         """Shape of one input image batch of size 1."""
@@ -69,7 +76,10 @@ class Workbench:
 
 
 def calibration(data: Splits, device: torch.device, batches: int = 4, batch_size: int = 256) -> Callable[[], Iterator[torch.Tensor]]:
-    """A callable yielding a few normalised training batches (fixed order) for calibration."""
+    """A callable yielding a few normalised training batches (fixed order) for calibration.
+
+    The loader slices ``data`` in place when it is resident on ``device`` (``Splits.to``).
+    """
     loader = DeviceLoader(data.x_train, data.y_train, data.spec, batch_size, train=False, device=device)
 
     def batches_() -> Iterator[torch.Tensor]:
@@ -85,12 +95,20 @@ def calibration(data: Splits, device: torch.device, batches: int = 4, batch_size
 class Prepared:
     """A compressed, not yet fine-tuned model and what is known before training."""
 
-    plan: Plan
-    model: nn.Module
-    hooks: list[TrainHook]
+    applied: AppliedPlan
     predicted_bytes: int
     seed: int
     seconds: float
+
+    @property
+    def plan(self) -> Plan:
+        """The plan that was applied."""
+        return self.applied.plan
+
+    @property
+    def model(self) -> nn.Module:
+        """The compressed model (fine-tuned in place by :func:`finish`)."""
+        return self.applied.model
 
 
 @dataclass
@@ -116,13 +134,13 @@ def prepare(bench: Workbench, plan: Plan, seed: int) -> Prepared:
     torch.manual_seed(seed)
     model = copy.deepcopy(bench.baseline).to(bench.device)
     ctx = ApplyContext(policy=plan.policy, calibration=calibration(bench.data, bench.device))
-    hooks = apply_plan(model, plan, ctx)
+    applied = apply_plan(model, plan, ctx)
     if plan.steps:
         recalibrate_batchnorm(model, bench.data)
-    probe = copy.deepcopy(model)
-    finalize_plan(probe, plan)
-    predicted = len(encode(probe))
-    return Prepared(plan, model, hooks, predicted, seed, time.perf_counter() - start)
+    probe = applied.copy()  # the model and its techniques' states, copied together
+    probe.finalize()
+    predicted = measure(probe.model).bytes
+    return Prepared(applied, predicted, seed, time.perf_counter() - start)
 
 
 def finetune_config(bench: Workbench, plan: Plan, seed: int, epochs: int | None = None) -> TrainConfig:
@@ -145,20 +163,25 @@ def finish(
     start = time.perf_counter()
     model, plan = prepared.model, prepared.plan
     config = finetune_config(bench, plan, prepared.seed, epochs)
-    result = train(model, bench.data, config, device=bench.device, hooks=[*prepared.hooks, *extra_hooks], log=log)
-    finalize_plan(model, plan)
+    # The baseline is the distillation teacher; it is resident on the device since Workbench.load.
+    teacher = bench.baseline if config.distill_weight > 0 else None
+    result = train(
+        model, bench.data, config, device=bench.device, hooks=[*prepared.applied.hooks, *extra_hooks], log=log,
+        teacher=teacher,
+    )
+    prepared.applied.finalize()
     if plan.steps:
         # Snapping weights onto their final representation shifts activations a little.
         recalibrate_batchnorm(model, bench.data)
-    artifact, breakdown = encode_with_report(model)
+    size = measure(model)
     return Outcome(
         plan=plan,
         model=model,
-        artifact=artifact,
+        artifact=size.artifact,
         val_accuracy=evaluate_split(model, bench.data, "val", bench.device),
-        bytes=len(artifact),
-        ratio=bench.baseline_bytes / len(artifact),
-        breakdown=breakdown,
+        bytes=size.bytes,
+        ratio=size.ratio(bench.baseline_bytes),
+        breakdown=size.breakdown,
         curve=result.curve,
         epochs=len(result.history),
         stopped=result.stopped_early,

@@ -1,8 +1,8 @@
 """Size and cost of a model: bytes of its compressed artifact, compression ratio, per-unit
 breakdown, and BitOPs.
 
-* **Size** is ``len(storage.codec.encode(model))`` (DESIGN.md: never estimated from parameter
-  counts).
+* **Size** is ``len(storage.codec.encode(model))``, reported by :func:`measure`, the one entry
+  point every caller uses (never estimated from parameter counts).
 * **Compression ratio** is the baseline's bytes over the compressed model's bytes, both through
   the same codec.
 * **BitOPs** (Baskin et al. 2018; van Baalen et al. 2020) are, per example, the sum over every
@@ -16,35 +16,44 @@ breakdown, and BitOPs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from storage.codec import encode, encode_with_report
+from storage.codec import encode_with_report
 
 
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of ``model``'s compressed artifact: ``len(storage.codec.encode(model))``."""
-    return len(encode(model))
+@dataclass(frozen=True)
+class Size:
+    """A model's compressed artifact and where its bytes go.
 
-
-def compression_ratio(compressed: nn.Module, baseline: nn.Module | int) -> float:
-    """``bytes(baseline) / bytes(compressed)``, both measured by the same codec.
-
-    ``baseline`` is a model or its byte count (callers cache it: a study's baseline is encoded
-    once).
+    Attributes:
+        artifact: ``storage.codec.encode(model)``: the bytes written to disk.
+        breakdown: Bytes of each unit's blobs (by module path) and of the header
+            (``"(header)"``); they sum to ``len(artifact)``.
     """
-    base = baseline if isinstance(baseline, int) else model_bytes(baseline)
-    if base <= 0:
-        raise ValueError(f"baseline bytes must be > 0, got {base}")
-    return base / model_bytes(compressed)
+
+    artifact: bytes
+    breakdown: dict[str, int]
+
+    @property
+    def bytes(self) -> int:
+        """``len(artifact)``: the size every ratio is computed from."""
+        return len(self.artifact)
+
+    def ratio(self, baseline_bytes: int) -> float:
+        """Compression ratio against a baseline measured by the same codec."""
+        if baseline_bytes <= 0:
+            raise ValueError(f"baseline bytes must be > 0, got {baseline_bytes}")
+        return baseline_bytes / self.bytes
 
 
-def size_breakdown(model: nn.Module) -> dict[str, int]:
-    """Bytes of each unit's blobs (by module path) and of the header (``"(header)"``); they sum
-    to :func:`model_bytes`."""
-    return encode_with_report(model)[1]
+def measure(model: nn.Module) -> Size:
+    """The one size entry point: encode ``model`` and report its bytes and breakdown."""
+    artifact, breakdown = encode_with_report(model)
+    return Size(artifact, breakdown)
 
 
 def _weight_bits(layer: nn.Module) -> float:

@@ -2,7 +2,9 @@
 (optionally fine-tuning longer), write its artifact, print its accuracy and ratio.
 
 With the study's budget (no ``--epochs``) the artifact is byte-identical to the trial's, so the
-ratio equals the recorded one exactly.
+ratio equals the recorded one exactly. The plan file is a trial record
+(:mod:`objectives.record`), or a bare plan (``{"steps": ...}``) with ``--preset``; it is checked
+before any data or model is loaded.
 """
 
 from __future__ import annotations
@@ -10,26 +12,35 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from models.errors import UserError, cli_main
 from models.train import evaluate_split
 from objectives.pipeline import Outcome, Workbench, finish, prepare
-from spaces.plan import Plan, read_plan_file
+from objectives.record import TrialRecord, read_plan_file
+from spaces.plan import Plan
 
 
-def rebuild(plan: Plan, record: dict[str, Any], *, preset: str | None = None, data_dir: str = "data",
+def resolve_preset(record: TrialRecord, preset: str | None, source: str = "the plan file") -> str:
+    """The preset to rebuild on: the record's, or ``preset`` when the record names none; a
+    ``preset`` that contradicts the record is refused, naming both."""
+    if preset is not None and record.preset is not None and preset != record.preset:
+        raise UserError(f"{source} was made on preset {record.preset!r}, not --preset {preset!r}; "
+                        f"drop --preset (or pass --preset {record.preset})")
+    chosen = preset or record.preset
+    if chosen is None:
+        raise UserError(f"{source} names no preset (a bare plan); pass --preset")
+    return chosen
+
+
+def rebuild(plan: Plan, record: TrialRecord, *, preset: str | None = None, data_dir: str = "data",
             store: str = "runs", device: torch.device | None = None, epochs: int | None = None) -> tuple[Workbench, Outcome]:
-    """Apply ``plan`` to its preset's cached baseline and fine-tune it, as the trial did."""
-    preset = preset or record.get("preset")
-    if preset is None:
-        raise UserError("this plan file names no preset; pass --preset")
-    dataset = record.get("dataset")
-    bench = Workbench.load(preset, dataset=dataset if dataset and dataset != preset else None, data_dir=data_dir,
-                           store=store, seed=int(record.get("baseline_seed", 0)), device=device)
-    prepared = prepare(bench, plan, int(record.get("seed", 0)))
+    """Apply ``plan`` to its preset's cached baseline and fine-tune it, as the trial did (same
+    dataset, baseline seed and trial seed)."""
+    bench = Workbench.load(resolve_preset(record, preset), dataset=record.dataset, data_dir=data_dir,
+                           store=store, seed=record.baseline_seed, device=device)
+    prepared = prepare(bench, plan, record.seed)
     return bench, finish(bench, prepared, epochs=epochs)
 
 
@@ -51,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
     plan, record = read_plan_file(args.plan)
+    resolve_preset(record, args.preset, f"plan file {args.plan}")  # refused before any data loads
     bench, outcome = rebuild(plan, record, preset=args.preset, data_dir=args.data_dir, store=args.store,
                              device=torch.device(args.device) if args.device else None, epochs=args.epochs)
     out = Path(args.out)
@@ -65,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         "compression_ratio": outcome.ratio,
         "artifact": str(out),
     }
-    if "bytes" in record:
-        summary["recorded_bytes"] = record["bytes"]
-        summary["recorded_compression_ratio"] = record.get("compression_ratio")
+    if record.bytes is not None:
+        summary["recorded_bytes"] = record.bytes
+        summary["recorded_compression_ratio"] = record.values.get("compression_ratio")
     print(json.dumps(summary, indent=2))
     return 0
 

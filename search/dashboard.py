@@ -1,5 +1,9 @@
 """``python -m search.dashboard``: optuna-dashboard on the study storage, with the artifact store,
-bound to 127.0.0.1 unless told otherwise. ``optuna-dashboard sqlite:///runs/search.db`` works too."""
+bound to 127.0.0.1 unless told otherwise. ``optuna-dashboard sqlite:///runs/search.db`` works too.
+
+A trial's user attributes are the fields of its record (:mod:`objectives.record`), one attribute
+each, the plan first (so a failed trial shows it); its artifacts are the compressed model and the
+plan file (the record's JSON, which ``search.apply`` reads)."""
 
 from __future__ import annotations
 

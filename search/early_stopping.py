@@ -15,10 +15,11 @@ accuracies). Until ``min_curves`` such curves exist the stopper never stops. The
 by replaying real digits studies (seeds 0-2) and confirmed on fresh seeds 3-5 in live runs:
 35% of epochs saved at 200 trials, 40% at equal hypervolume (BENCHMARKS.md).
 
-Only trials that trained their full budget count, as references and as curves: a stopped trial
-recorded COMPLETE with partial values (``stopped_as="complete"``) never enters the exported front,
-so stopping in its favour could leave a hole there, and its truncated curve would understate the
-headroom (making stops too eager).
+Only trials that trained their full budget count, as references and as curves
+(:func:`objectives.objective.is_exportable`): a stopped trial is recorded PRUNED and never
+enters the exported front, so stopping in its favour could leave a hole there, and its truncated
+curve would understate the headroom (making stops too eager). The curves are the ``curve`` of
+each trial's record, written after every epoch by the objective.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import optuna
 from torch import nn
 
 from models.train import EpochRecord, TrainHook
+from objectives import record as trial_record
 from objectives.objective import is_exportable
 
 
@@ -54,7 +56,7 @@ def gains_after(trials: list[optuna.trial.FrozenTrial], epoch: int) -> list[tupl
     """``(accuracy after epoch, gain from there to the recorded accuracy)`` per finished trial."""
     out = []
     for t in trials:
-        curve = t.user_attrs.get("curve", [])
+        curve = t.user_attrs.get(trial_record.CURVE, [])
         if len(curve) >= epoch and t.values is not None:
             out.append((curve[epoch - 1], t.values[0] - curve[epoch - 1]))
     return out
@@ -81,19 +83,16 @@ class ParetoStopper:
 
 
 class StopHook(TrainHook):
-    """Records the validation curve on the trial and decides after each epoch."""
+    """Decides after each epoch whether the trial goes on."""
 
     def __init__(self, rule: StopRule, trial: optuna.Trial, family: str, ratio: float) -> None:
         self.rule, self.trial, self.family, self.ratio = rule, trial, family, ratio
-        self.curve: list[float] = []
 
     def on_epoch_end(self, model: nn.Module, record: EpochRecord) -> bool:
         """Stop when a finished trial with ratio >= ours beats our optimistic accuracy."""
-        self.curve.append(record.val_accuracy)
-        self.trial.set_user_attr("curve", self.curve)
         finished = [
             t for t in self.trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if is_exportable(t) and "curve" in t.user_attrs
+            if is_exportable(t) and trial_record.CURVE in t.user_attrs
         ]
         better = [t.values[0] for t in finished if t.values[1] >= self.ratio]
         if not better:

@@ -1,10 +1,13 @@
 """``python -m search.export``: the Pareto-optimal plans of a study as files.
 
-Writes ``pareto.json`` (plans, values, bytes, test accuracy, baseline reference), one
-``plan-trial-<n>.json`` per Pareto plan (what ``search.apply`` reads), ``trials.csv`` (every
-trial) and ``pareto.png`` (the front coloured by technique family). Export is the only place the
-test split is read: for each Pareto plan, from its stored artifact. Stopped (pruned) and
-infeasible trials never enter the front. ``--materialize`` also writes the artifacts.
+Writes ``pareto.json`` (the study's configuration, baseline and hypervolume, and the trial
+record of every Pareto plan with its test accuracy and plan file name), one
+``plan-trial-<n>.json`` per Pareto plan (its trial record, :mod:`objectives.record`: what
+``search.apply`` reads), ``trials.csv`` (every trial; a stopped trial shows its values at the
+epoch it stopped after) and ``pareto.png`` (the front coloured by weight representation). Export
+is the only place the test split is read: for each Pareto plan, from its stored artifact.
+Stopped (pruned) and infeasible trials never enter the front. ``--materialize`` also writes the
+artifacts.
 """
 
 from __future__ import annotations
@@ -24,38 +27,39 @@ from models.errors import UserError, cli_main
 from models.presets import get_preset
 from models.train import evaluate_split
 from objectives.objective import is_feasible
+from objectives.record import TrialRecord, write_plan_file
 from search.progress import front_trials, study_hypervolume
 from search.studies import find_study_name, stored_config
 from search.worker import default_store
-from spaces.plan import Plan
 from storage.codec import CorruptArtifactError, decode
 from storage.studies import DEFAULT_STORAGE, load_study, open_artifact_store, open_storage
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial: state, values, size, family, whether it is on the front."""
-    front = {t.number for t in front_trials(study.get_trials(deepcopy=False))}
+    """One row per trial: state, values, size, family, whether it is on the front. A stopped
+    (PRUNED) trial's value columns hold its values at the epoch it stopped after."""
+    trials = study.get_trials(deepcopy=False)
+    front = {t.number for t in front_trials(trials)}
     names = study.metric_names or ["val_accuracy", "compression_ratio"]
     rows = []
-    for t in study.get_trials(deepcopy=False):
-        row: dict[str, Any] = {"number": t.number, "state": t.state.name}
-        for i, n in enumerate(names):
-            row[n] = t.values[i] if t.values is not None else math.nan
-        a = t.user_attrs
+    for t in trials:
+        r = TrialRecord.from_trial(t, names)
+        values = r.values or r.stopped_values or {}
+        row: dict[str, Any] = {"number": t.number, "state": r.state}
+        row.update({n: values.get(n, math.nan) for n in names})
         row.update(
-            families=a.get("families"), bytes=a.get("bytes"), feasible=is_feasible(t), pareto=t.number in front,
-            epochs=a.get("epochs"), stopped_at_epoch=a.get("stopped_at_epoch"), wall_seconds=a.get("wall_seconds"),
-            seed=a.get("seed"), device=a.get("device"), params=json.dumps(t.params, sort_keys=True),
-            plan=json.dumps(a.get("plan"), sort_keys=True),
+            families=r.families, bytes=r.bytes, feasible=is_feasible(t), pareto=t.number in front,
+            epochs=r.epochs, stopped_at_epoch=r.stopped_at_epoch, wall_seconds=r.wall_seconds,
+            seed=r.seed, device=r.device, params=json.dumps(t.params, sort_keys=True),
+            plan=json.dumps(r.plan, sort_keys=True),
         )
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _weights_family(families: str) -> str:
-    parts = (families or "fp32").split("+")
-    reps = [p for p in parts if p not in ("structured", "lowrank", "prune", "act")]
-    return "+".join(parts) if not reps else reps[0] + ("+sparse" if "prune" in parts else "")
+def _weights_family(trial: FrozenTrial) -> str:
+    """The label the front is coloured by: the weight representation, ``+sparse`` if pruned."""
+    return TrialRecord.from_trial(trial).to_plan().weights_family
 
 
 def plot_front(study: optuna.Study, baseline: dict[str, Any], path: Path) -> None:
@@ -69,10 +73,11 @@ def plot_front(study: optuna.Study, baseline: dict[str, Any], path: Path) -> Non
     front = front_trials(trials)
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     ax.scatter([t.values[1] for t in trials], [100 * t.values[0] for t in trials], s=12, c="#bbbbbb", label="trials")
-    fams = sorted({_weights_family(t.user_attrs.get("families", "")) for t in front})
+    labels = {t.number: _weights_family(t) for t in front}
+    fams = sorted(set(labels.values()))
     cmap = plt.get_cmap("tab10")
     for i, fam in enumerate(fams):
-        pts = [t for t in front if _weights_family(t.user_attrs.get("families", "")) == fam]
+        pts = [t for t in front if labels[t.number] == fam]
         ax.scatter([t.values[1] for t in pts], [100 * t.values[0] for t in pts], s=50, color=cmap(i % 10),
                    edgecolor="black", label=fam, zorder=3)
     ax.plot([t.values[1] for t in front], [100 * t.values[0] for t in front], color="black", lw=0.8, zorder=2)
@@ -88,8 +93,7 @@ def plot_front(study: optuna.Study, baseline: dict[str, Any], path: Path) -> Non
     plt.close(fig)
 
 
-def _artifact_bytes(trial: FrozenTrial, store: Any) -> bytes | None:
-    artifact_id = trial.user_attrs.get("artifact_id")
+def _artifact_bytes(artifact_id: str | None, store: Any) -> bytes | None:
     if artifact_id is None:
         return None
     try:
@@ -111,13 +115,14 @@ def export(study: optuna.Study, out: Path, *, data_dir: str, store_root: str, ma
     data = load_dataset(config.dataset or preset.dataset, data_dir, val_fraction=preset.val_fraction, seed=config.seed)
     front = front_trials(study.get_trials(deepcopy=False))
     names = study.metric_names or ["val_accuracy", "compression_ratio"]
+    # Trials of studies made before the record held these fields take them from the study.
+    defaults = {"preset": config.preset, "dataset": config.dataset, "baseline_seed": config.seed,
+                "baseline_bytes": baseline.get("bytes"), "baseline_key": baseline.get("key")}
     plans = []
     for t in front:
-        plan = Plan.from_dict(t.user_attrs["plan"])
-        blob = _artifact_bytes(t, store)
-        record = {"plan": plan.to_dict(), "preset": config.preset, "dataset": config.dataset, "baseline_seed": config.seed,
-                  "seed": t.user_attrs.get("seed", 0), "baseline_bytes": baseline.get("bytes"), "trial": t.number,
-                  "bytes": t.user_attrs.get("bytes"), **dict(zip(names, t.values, strict=False))}
+        record = TrialRecord.from_trial(t, names, defaults)
+        plan = record.to_plan()
+        blob = _artifact_bytes(record.artifact_id, store)
         if blob is None:
             _, outcome = rebuild(plan, record, data_dir=data_dir, store=store_root)
             blob, model = outcome.artifact, outcome.model
@@ -126,12 +131,11 @@ def export(study: optuna.Study, out: Path, *, data_dir: str, store_root: str, ma
                 model = decode(blob)
             except CorruptArtifactError as exc:
                 raise UserError(f"artifact of trial {t.number} is corrupt ({exc}); re-run it or delete the study's artifacts") from None
-        record["test_accuracy"] = evaluate_split(model, data, "test")
-        plan_file = out / f"plan-trial-{t.number}.json"
-        plan_file.write_text(json.dumps(record, indent=2, sort_keys=True))
+        record = record.model_copy(update={"test_accuracy": evaluate_split(model, data, "test")})
+        plan_file = write_plan_file(out / f"plan-trial-{t.number}.json", record)
         if materialize:
             (out / f"trial-{t.number}.pcz").write_bytes(blob)
-        plans.append({**record, "families": plan.families, "plan_file": plan_file.name})
+        plans.append({**record.to_json_dict(), "plan_file": plan_file.name})
     summary = {
         "study": study.study_name,
         "config": config.to_dict(),
@@ -169,9 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = export(study, Path(args.out), data_dir=args.data_dir,
                      store_root=args.store or default_store(args.storage), materialize=args.materialize)
     print(f"{len(summary['plans'])} Pareto plans -> {args.out}/pareto.json, trials.csv, pareto.png")
+    acc, ratio = summary["metric_names"][:2]
     for p in summary["plans"]:
-        print(f"  trial {p['trial']:>4}  {p['families']:<28} val {p[summary['metric_names'][0]]:.4f} "
-              f"test {p['test_accuracy']:.4f} ratio {p[summary['metric_names'][1]]:.2f}  {p['plan_file']}")
+        print(f"  trial {p['trial']:>4}  {p['families']:<28} val {p['values'][acc]:.4f} "
+              f"test {p['test_accuracy']:.4f} ratio {p['values'][ratio]:.2f}  {p['plan_file']}")
     return 0
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from objectives import record
 from objectives.objective import is_exportable, is_feasible
 
 ACCURACY_FLOOR_POINTS = 10.0
@@ -86,8 +87,9 @@ def study_stats(study: optuna.Study, baseline_accuracy: float) -> StudyStats:
     trials = study.get_trials(deepcopy=False)
     by = {s: [t for t in trials if t.state == s] for s in TrialState}
     complete = by[TrialState.COMPLETE]
-    # Stopped trials are PRUNED, or COMPLETE with partial values under stopped_as="complete".
-    partial = [t for t in complete if "stopped_at_epoch" in t.user_attrs]
+    # Stopped trials are PRUNED; studies made while a hidden option recorded them COMPLETE with
+    # partial values may still hold such trials (marked by stopped_at_epoch).
+    partial = [t for t in complete if record.STOPPED_AT_EPOCH in t.user_attrs]
     feasible = [t for t in complete if t.values is not None and is_feasible(t)]
     near = [t.values[1] for t in feasible if is_exportable(t) and t.values[0] >= baseline_accuracy - 0.01]
     return StudyStats(

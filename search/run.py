@@ -20,7 +20,7 @@ from objectives.objective import parse_objectives
 from objectives.pipeline import Workbench
 from search.progress import ProgressDisplay, study_stats
 from search.samplers import SAMPLER_HELP, SAMPLERS, make_sampler
-from search.studies import StudyConfig, create_or_load
+from search.studies import StudyConfig, create_or_load, new_techniques, study_space
 from search.worker import (
     BUDGET_ATTR,
     add_worker_args,
@@ -29,7 +29,7 @@ from search.worker import (
     pick_device,
     work,
 )
-from spaces.plan import STUDIES
+from spaces.plan import study_names
 from storage.studies import open_storage
 
 
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``python -m search.run``."""
     p = argparse.ArgumentParser(prog="python -m search.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", default="all", help=f"named study space: {', '.join(STUDIES)} (default: all)")
+    p.add_argument("--study", default="all", help=f"named study space: {', '.join(study_names())} (default: all)")
     p.add_argument("--trials", type=int, default=200, help="total trials of the study, over all workers (default: 200)")
     p.add_argument("--preset", default=DEFAULT_PRESET, help=f"{', '.join(list_presets())} (default: {DEFAULT_PRESET})")
     p.add_argument("--dataset", default=None, help="override the preset's dataset (e.g. mnist-t10k, npz:PATH)")
@@ -51,9 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-early-stopping", action="store_true", help="never stop a trial early")
     p.add_argument("--tune-finetune", action="store_true", help="also search the fine-tune epochs (1..2x the preset's) and learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of the baseline, the splits and the samplers (default: 0)")
-    # Experimental (benchmarks/stopped_trials.py): record a stopped trial PRUNED (default) or
-    # COMPLETE with its partial values (informs the sampler; never exported).
-    p.add_argument("--stopped-as", default="pruned", choices=("pruned", "complete"), help=argparse.SUPPRESS)
     p.add_argument("--wandb", action="store_true", help="log every trial to Weights & Biases (WANDB_MODE=offline works)")
     add_worker_args(p)
     return p
@@ -75,7 +72,7 @@ def study_config(args: argparse.Namespace) -> StudyConfig:
         space=args.study, preset=args.preset, dataset=args.dataset, seed=args.seed,
         objectives=parse_objectives(args.objectives), sampler=args.sampler,
         early_stopping=not args.no_early_stopping, max_bytes=args.max_bytes, min_ratio=args.min_ratio,
-        max_accuracy_drop=args.max_accuracy_drop, finetune_space=finetune_space, stopped_as=args.stopped_as,
+        max_accuracy_drop=args.max_accuracy_drop, finetune_space=finetune_space,
     )
 
 
@@ -108,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     study.set_user_attr(BUDGET_ATTR, args.trials)
     print(f"study {name!r} on {args.storage}: baseline val {bench.record.val_accuracy:.4f}, "
           f"{bench.baseline_bytes} bytes; {study_stats(study, bench.record.val_accuracy).done} trials done", flush=True)
+    added = new_techniques(study, study_space(study))  # study_space refuses changed techniques
+    if added:
+        print(f"note: this study searches the space it was created with; {', '.join(added)} "
+              "(newer) go to a new study: pass --name", flush=True)
     start = time.perf_counter()
     with ProgressDisplay(study, bench.record.val_accuracy, args.trials) as progress:
         if args.jobs == 1:

@@ -11,11 +11,12 @@ import optuna
 
 from models.baseline import code_version
 from models.errors import UserError
-from objectives.objective import OBJECTIVES, STOPPED_AS, Constraints
+from objectives.objective import OBJECTIVES, Constraints
 from objectives.pipeline import Workbench
-from spaces.plan import get_study_space
+from spaces.plan import NONE, STAGES, StudySpace, get_study_space, space_changes
 
 CONFIG_ATTR = "config"
+SPACE_ATTR = "space"  # the concrete space the study was created with (StudySpace.record)
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,9 @@ class StudyConfig:
     min_ratio: float | None = None
     max_accuracy_drop: float | None = None
     finetune_space: dict[str, list[float]] = field(default_factory=dict)
-    stopped_as: str = "pruned"
 
     def __post_init__(self) -> None:
         get_study_space(self.space)  # raises on an unknown name
-        if self.stopped_as not in STOPPED_AS:
-            raise UserError(f"stopped_as {self.stopped_as!r} is not valid; use {' or '.join(STOPPED_AS)}")
 
     @property
     def constraints(self) -> Constraints:
@@ -96,6 +94,7 @@ def create_or_load(name: str, storage: optuna.storages.BaseStorage, config: Stud
             "dataset": bench.record.dataset,
         })
         study.set_user_attr("code_version", code_version())
+        study.set_user_attr(SPACE_ATTR, get_study_space(config.space).record())
     elif StudyConfig.from_dict(existing) != config:
         old = StudyConfig.from_dict(existing).to_dict()
         diff = {k: (old[k], v) for k, v in config.to_dict().items() if old.get(k) != v}
@@ -104,6 +103,47 @@ def create_or_load(name: str, storage: optuna.storages.BaseStorage, config: Stud
             "resume it with the same options, or pass --name to start a new study"
         )
     return study
+
+
+def study_space(study: optuna.Study) -> StudySpace:
+    """The space a study samples: the one recorded when it was created, so that a worker whose
+    code registers more techniques keeps sampling it (new techniques go to new studies).
+
+    A technique of the recorded space that this code lacks, or whose config version or
+    parameters changed, is refused in one line that names the change. A study created before
+    spaces were recorded gets one now, its stage choices read back from its trials.
+    """
+    record = study.user_attrs.get(SPACE_ATTR)
+    if record is None:
+        record = _legacy_space(study).record()
+        study.set_user_attr(SPACE_ATTR, record)
+    changes = space_changes(record)
+    if changes:
+        raise UserError(
+            f"study {study.study_name!r} was created with other technique code ({'; '.join(changes)}); "
+            f"resume it with the code version it was made with ({study.user_attrs.get('code_version', 'unknown')}), "
+            "or start a new study with --name"
+        )
+    return StudySpace.from_record(record)
+
+
+def new_techniques(study: optuna.Study, space: StudySpace) -> list[str]:
+    """Techniques this code offers for the study's named space that its recorded space lacks."""
+    now = get_study_space(stored_config(study).space).technique_names()
+    return [n for n in now if n not in space.technique_names()]
+
+
+def _legacy_space(study: optuna.Study) -> StudySpace:
+    """Today's space of the study's name, with each stage's choices as its trials recorded them
+    (Optuna refuses a categorical whose choices changed)."""
+    space = get_study_space(stored_config(study).space)
+    stages = dict(space.stages)
+    for trial in study.get_trials(deepcopy=False):
+        for stage in STAGES:
+            dist = trial.distributions.get(f"stage.{stage}")
+            if isinstance(dist, optuna.distributions.CategoricalDistribution):
+                stages[stage] = tuple(str(c) for c in dist.choices)
+    return StudySpace(space.name, {s: o for s, o in stages.items() if o != (NONE,)}, space.description)
 
 
 def stored_config(study: optuna.Study) -> StudyConfig:

@@ -8,10 +8,12 @@ from typing import Any
 import optuna
 
 from models.errors import UserError
+from objectives.record import TrialRecord
 
 
 class WandbLogger:
-    """An Optuna callback that logs each finished trial (values, plan, families) to one W&B run."""
+    """An Optuna callback that logs each finished trial's record (values, plan, families, size,
+    epochs; a stopped trial's values at its last epoch as ``stopped_<metric>``) to one W&B run."""
 
     def __init__(self, study_name: str, config: dict[str, Any], project: str = "pareto-compress") -> None:
         try:
@@ -22,17 +24,20 @@ class WandbLogger:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """Log one trial."""
+        r = TrialRecord.from_trial(trial, study.metric_names)
         row: dict[str, Any] = {
-            "trial": trial.number,
-            "state": trial.state.name,
-            "families": trial.user_attrs.get("families", ""),
-            "plan": json.dumps(trial.user_attrs.get("plan", {}), sort_keys=True),
-            "bytes": trial.user_attrs.get("bytes"),
+            "trial": r.trial,
+            "state": r.state,
+            "families": r.families or "",
+            "plan": json.dumps(r.plan or {}, sort_keys=True),
+            "bytes": r.bytes,
+            "epochs": r.epochs,
+            "stopped_at_epoch": r.stopped_at_epoch,
+            "wall_seconds": r.wall_seconds,
+            **r.values,
+            **{f"stopped_{k}": v for k, v in (r.stopped_values or {}).items()},
         }
-        if trial.values is not None:
-            names = study.metric_names or [f"value_{i}" for i in range(len(trial.values))]
-            row.update(dict(zip(names, trial.values, strict=False)))
-        self.run.log(row)
+        self.run.log({k: v for k, v in row.items() if v is not None})
 
     def close(self) -> None:
         """Finish the run."""

@@ -21,8 +21,7 @@ from objectives.objective import Objective
 from objectives.pipeline import Workbench
 from search.early_stopping import ParetoStopper
 from search.samplers import make_sampler
-from search.studies import StudyConfig, find_study_name, stored_config
-from spaces.plan import get_study_space
+from search.studies import StudyConfig, find_study_name, stored_config, study_space
 from storage.studies import (
     DEFAULT_STORAGE,
     load_study,
@@ -61,7 +60,7 @@ def build_objective(study: optuna.Study, config: StudyConfig, bench: Workbench, 
     """The objective of a study's trials, as its stored configuration says."""
     return Objective(
         bench,
-        get_study_space(config.space),
+        study_space(study),
         objectives=config.objectives,
         constraints=config.constraints,
         stopper=ParetoStopper().hook if config.early_stopping else None,
@@ -69,7 +68,6 @@ def build_objective(study: optuna.Study, config: StudyConfig, bench: Workbench, 
         finetune_space={k: (v[0], v[1]) for k, v in config.finetune_space.items()} or None,
         seed=config.seed,
         log=log,
-        stopped_as=config.stopped_as,
     )
 
 

@@ -1,5 +1,5 @@
-"""Compression techniques (one module each), their registry and the joint plan."""
+"""Compression techniques (one module each), their registry and the joint plan.
 
-from __future__ import annotations
-
-from spaces import layers, techniques  # noqa: F401
+Technique modules are imported on first use of the registry (``spaces.registry.discover``),
+not here: adding one means adding its module, nothing else.
+"""

@@ -16,8 +16,9 @@ but never trained would have none.)
 The clipping values are fp32 buffers, stored by the codec as a few bytes per layer: activation
 quantization changes accuracy and BitOPs, not the size of the weights.
 
-Layer policy: the first layer's input (the image) stays unquantized when the policy protects the
-first layer; a protected last layer reads at least 8-bit inputs (int8 where the plan says int4).
+Layer policy (``LayerPolicy.protected_paths``, the same one the weight techniques use): the first
+layer's input (the image) stays unquantized when the policy protects that layer; a protected
+layer reads at least 8-bit inputs (int8 where the plan says int4).
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: Ca
 
 
 @register_technique
-class ActQuant(Technique):
+class ActQuant(Technique[ActQuantConfig, None]):
     """Post-training calibrated activation fake-quantization (int8, int4, fp8), trainable with STE."""
 
     name = "actquant"
@@ -174,33 +175,33 @@ class ActQuant(Technique):
             percentile=trial.suggest_float(f"{prefix}.percentile", 99.0, 99.999),
         )
 
-    def apply(self, model: nn.Module, config: TechniqueConfig, ctx: ApplyContext) -> None:
+    def apply(self, model: nn.Module, config: ActQuantConfig, ctx: ApplyContext) -> None:
         """Calibrate clipping values on ``ctx.calibration`` and give each layer an :class:`ActQuantizer`."""
-        assert isinstance(config, ActQuantConfig)
         if ctx.calibration is None:
             raise UserError(
                 "activation quantization needs calibration data: pass ApplyContext(calibration=...) "
                 "yielding a few normalised input batches"
             )
+        protected = ctx.policy.protected_paths(model)  # the one layer policy, max_share included
         layers = compressed_layers(model)
         if not layers:
             return
-        first, last = layers[0][0], layers[-1][0]
-        targets = [(p, m) for p, m in layers if not (p == first and ctx.policy.keep_first)]
+        first = layers[0][0]
+        targets = [(p, m) for p, m in layers if not (p == first and p in protected)]
         for _, m in layers:
             m.act = None  # calibrate on unquantized inputs (re-applying replaces quantizers)
         stats = calibrate(model, targets, ctx.calibration, config.percentile)
         for path, layer in targets:
             fmt = config.format
-            if path == last and ctx.policy.keep_last and FORMATS[fmt] < PROTECTED_BITS:
+            if path in protected and FORMATS[fmt] < PROTECTED_BITS:
                 fmt = "int8"
             _install(layer, fmt, stats[path])
 
-    def settings(self) -> list[TechniqueConfig]:
+    def settings(self) -> list[ActQuantConfig]:
         """int8, fp8, int4 (the size stays the same; accuracy drops along them)."""
         return [ActQuantConfig(format=f) for f in ("int8", "fp8", "int4")]
 
-    def moderate(self) -> TechniqueConfig:
+    def moderate(self) -> ActQuantConfig:
         """int8 at the 99.99th percentile."""
         return ActQuantConfig(format="int8")
 

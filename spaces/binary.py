@@ -155,7 +155,7 @@ class BinaryConfig(TechniqueConfig):
 
 
 @register_technique
-class BinaryWeights(Technique):
+class BinaryWeights(Technique[BinaryConfig, None]):
     """BinaryConnect with XNOR-style scales and quantization-aware fine-tuning."""
 
     name = "binary"
@@ -167,29 +167,28 @@ class BinaryWeights(Technique):
         """Per-channel or per-tensor scale."""
         return BinaryConfig(scale=trial.suggest_categorical(f"{prefix}.scale", list(SCALES)))
 
-    def apply(self, model: nn.Module, config: TechniqueConfig, ctx: ApplyContext) -> None:
+    def apply(self, model: nn.Module, config: BinaryConfig, ctx: ApplyContext) -> None:
         """Give every conv/linear a :class:`BinaryRepr` (protected layers: int8)."""
-        assert isinstance(config, BinaryConfig)
         set_weight_repr(
             model, ctx,
             lambda _p, layer: BinaryRepr.fit(layer.weight.detach(), config.scale == "channel", layer.mask),
             1,
         )
 
-    def hooks(self, model: nn.Module, config: TechniqueConfig) -> list[TrainHook]:
+    def hooks(self, model: nn.Module, config: BinaryConfig, state: None) -> list[TrainHook]:
         """Clip the shadow weights after every step."""
         return [ClipShadowWeights()]
 
-    def finalize(self, model: nn.Module, config: TechniqueConfig) -> None:
+    def finalize(self, model: nn.Module, config: BinaryConfig, state: None) -> None:
         """Refit ``alpha`` to the fine-tuned weights, then snap them to ``sign * alpha``."""
         for layer, rep in _binary_layers(model):
             rep.refit(layer.weight, layer.mask)
         snap_weights(model)
 
-    def settings(self) -> list[TechniqueConfig]:
+    def settings(self) -> list[BinaryConfig]:
         """Per-channel, then per-tensor scale (smaller by 4 bytes per channel but one)."""
         return [BinaryConfig("channel"), BinaryConfig("tensor")]
 
-    def moderate(self) -> TechniqueConfig:
+    def moderate(self) -> BinaryConfig:
         """Per-channel scale."""
         return BinaryConfig("channel")

@@ -265,17 +265,17 @@ class CodebookConfig(TechniqueConfig):
 
 
 @register_technique
-class Codebook(Technique):
+class Codebook(Technique[CodebookConfig, None]):
     """Codebook quantization by 1-D k-means, GMM or DBSCAN, with centroid fine-tuning."""
 
     name = "codebook"
     stage = "weights"
     family = "codebook"
+    families = METHODS
     config_cls = CodebookConfig
 
-    def family_of(self, config: TechniqueConfig) -> str:
+    def family_of(self, config: CodebookConfig) -> str:
         """The clustering method (``kmeans``, ``gmm``, ``dbscan``) as the chart label."""
-        assert isinstance(config, CodebookConfig)
         return config.method
 
     def suggest(self, trial: optuna.Trial, prefix: str) -> CodebookConfig:
@@ -288,9 +288,8 @@ class Codebook(Technique):
             eps = trial.suggest_float(f"{prefix}.dbscan_eps", 0.005, 1.0, log=True)
         return CodebookConfig(method=method, clusters=clusters, scope=scope, dbscan_eps=eps)
 
-    def apply(self, model: nn.Module, config: TechniqueConfig, ctx: ApplyContext) -> None:
+    def apply(self, model: nn.Module, config: CodebookConfig, ctx: ApplyContext) -> None:
         """Fit codebooks to the kept weights and install them (protected layers: int8 if k < 256)."""
-        assert isinstance(config, CodebookConfig)
         bits = index_bits(config.clusters)
         shared: dict[str, CodebookRepr] = {}
         if config.scope == "global":
@@ -299,14 +298,14 @@ class Codebook(Technique):
             shared = global_codebooks(layers, config)
         set_weight_repr(model, ctx, lambda path, layer: shared.get(path) or layer_codebook(layer, config), bits)
 
-    def finalize(self, model: nn.Module, config: TechniqueConfig) -> None:
+    def finalize(self, model: nn.Module, config: CodebookConfig, state: None) -> None:
         """Snap the shadow weights onto their centroids."""
         snap_weights(model)
 
-    def settings(self) -> list[TechniqueConfig]:
+    def settings(self) -> list[CodebookConfig]:
         """k-means per layer with k = 64, 16, 8, 4, 2."""
         return [CodebookConfig(clusters=k) for k in (64, 16, 8, 4, 2)]
 
-    def moderate(self) -> TechniqueConfig:
+    def moderate(self) -> CodebookConfig:
         """k-means, 16 entries per layer (4-bit indices)."""
         return CodebookConfig(method="kmeans", clusters=16, scope="layer")

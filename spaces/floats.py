@@ -144,41 +144,40 @@ def _float_layers(model: nn.Module) -> list[tuple[CConv2d | CLinear, FloatRepr]]
 
 
 @register_technique
-class FloatWeights(Technique):
+class FloatWeights(Technique[FloatConfig, None]):
     """fp16 or fp8 weights with a straight-through estimator."""
 
     name = "float"
     stage = "weights"
     family = "fp16"
+    families = ("fp16", "fp8")
     config_cls = FloatConfig
 
-    def family_of(self, config: TechniqueConfig) -> str:
+    def family_of(self, config: FloatConfig) -> str:
         """``fp16`` or ``fp8``."""
-        assert isinstance(config, FloatConfig)
         return "fp16" if config.format == "fp16" else "fp8"
 
     def suggest(self, trial: optuna.Trial, prefix: str) -> FloatConfig:
         """One of the formats."""
         return FloatConfig(format=trial.suggest_categorical(f"{prefix}.format", list(FORMATS)))
 
-    def apply(self, model: nn.Module, config: TechniqueConfig, ctx: ApplyContext) -> None:
+    def apply(self, model: nn.Module, config: FloatConfig, ctx: ApplyContext) -> None:
         """Give every conv/linear a :class:`FloatRepr` of the format."""
-        assert isinstance(config, FloatConfig)
         set_weight_repr(
             model, ctx, lambda _p, layer: FloatRepr.fit(layer.weight.detach(), config.format, layer.mask),
             config.bits,
         )
 
-    def finalize(self, model: nn.Module, config: TechniqueConfig) -> None:
+    def finalize(self, model: nn.Module, config: FloatConfig, state: None) -> None:
         """Refit fp8 scales to the fine-tuned weights, then snap weights onto the format."""
         for layer, rep in _float_layers(model):
             rep.refit(layer.weight, layer.mask)
         snap_weights(model)
 
-    def settings(self) -> list[TechniqueConfig]:
+    def settings(self) -> list[FloatConfig]:
         """fp16, then fp8 E4M3."""
         return [FloatConfig("fp16"), FloatConfig("fp8_e4m3")]
 
-    def moderate(self) -> TechniqueConfig:
+    def moderate(self) -> FloatConfig:
         """fp8 E4M3."""
         return FloatConfig("fp8_e4m3")

@@ -153,7 +153,7 @@ class IntConfig(TechniqueConfig):
 
 
 @register_technique
-class IntK(Technique):
+class IntK(Technique[IntConfig, None]):
     """Uniform int-k weight quantization with quantization-aware fine-tuning."""
 
     name = "int"
@@ -170,9 +170,8 @@ class IntK(Technique):
             learned_step=trial.suggest_categorical(f"{prefix}.learned_step", [True, False]),
         )
 
-    def apply(self, model: nn.Module, config: TechniqueConfig, ctx: ApplyContext) -> None:
+    def apply(self, model: nn.Module, config: IntConfig, ctx: ApplyContext) -> None:
         """Give every conv/linear an :class:`IntRepr` fitted to its weights."""
-        assert isinstance(config, IntConfig)
         set_weight_repr(
             model, ctx,
             lambda _p, layer: IntRepr.fit(layer.weight.detach(), config.bits, config.symmetric,
@@ -180,14 +179,14 @@ class IntK(Technique):
             config.bits,
         )
 
-    def finalize(self, model: nn.Module, config: TechniqueConfig) -> None:
+    def finalize(self, model: nn.Module, config: IntConfig, state: None) -> None:
         """Snap shadow weights onto their levels."""
         snap_weights(model)
 
-    def settings(self) -> list[TechniqueConfig]:
+    def settings(self) -> list[IntConfig]:
         """8, 6, 4, 3, 2 bits."""
         return [IntConfig(bits=b) for b in (8, 6, 4, 3, 2)]
 
-    def moderate(self) -> TechniqueConfig:
+    def moderate(self) -> IntConfig:
         """int4, per-channel, symmetric, learned step."""
         return IntConfig(bits=4)

@@ -141,9 +141,17 @@ def register_component(cls: type[Component]) -> type[Component]:
     return cls
 
 
+def _discover() -> None:
+    from spaces.registry import discover  # the registry's technique modules import this one
+
+    discover()
+
+
 def component_from_spec(spec: dict[str, Any]) -> Component:
     """Build a registered component from ``{"kind": ..., **args}``."""
     kind = spec.get("kind", "")
+    if kind not in _COMPONENTS:
+        _discover()  # the component's technique module may not be imported yet
     if kind not in _COMPONENTS:
         raise UnknownNameError("layer component", kind, _COMPONENTS)
     return _COMPONENTS[kind].from_spec({k: v for k, v in spec.items() if k != "kind"})
@@ -306,6 +314,8 @@ def layer_spec(m: nn.Module) -> dict[str, Any]:
 def build_layer(spec: dict[str, Any]) -> nn.Module:
     """Inverse of :func:`layer_spec` (tensors are loaded separately)."""
     name = spec.get("type", "")
+    if name not in _LAYERS:
+        _discover()
     if name not in _LAYERS:
         raise UnknownNameError("layer type", name, _LAYERS)
     return _LAYERS[name].build({k: v for k, v in spec.items() if k != "type"})

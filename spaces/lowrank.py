@@ -192,13 +192,15 @@ def _inside_container(model: nn.Module, path: str) -> bool:
 
 
 @register_technique
-class LowRankSVD(Technique):
+class LowRankSVD(Technique[LowRankConfig, None]):
     """Truncated-SVD factorisation of the eligible conv and linear layers."""
 
     name = "lowrank"
     stage = "structure"
     family = "lowrank"
     config_cls = LowRankConfig
+    combinable = True
+    order = 1  # after structured pruning: factorise the layers that remain
 
     def suggest(self, trial: optuna.Trial, prefix: str) -> LowRankConfig:
         """mode; then rank_ratio in [0.05, 0.9] or energy in [0.8, 0.999]."""
@@ -207,9 +209,8 @@ class LowRankSVD(Technique):
             return LowRankConfig(mode=mode, rank_ratio=trial.suggest_float(f"{prefix}.rank_ratio", 0.05, 0.9))
         return LowRankConfig(mode=mode, energy=trial.suggest_float(f"{prefix}.energy", 0.8, 0.999))
 
-    def apply(self, model: nn.Module, config: TechniqueConfig, ctx: ApplyContext) -> None:
+    def apply(self, model: nn.Module, config: LowRankConfig, ctx: ApplyContext) -> None:
         """Replace each eligible layer that would shrink by its factors."""
-        assert isinstance(config, LowRankConfig)
         for path, layer in ctx.policy.eligible(model):
             if not factorizable(layer) or _inside_container(model, path):
                 continue
@@ -217,10 +218,10 @@ class LowRankSVD(Technique):
             if shrinks(layer, rank):
                 replace_module(model, path, factorize(layer, rank))
 
-    def settings(self) -> list[TechniqueConfig]:
+    def settings(self) -> list[LowRankConfig]:
         """Rank ratios 0.75, 0.5, 0.25, 0.1."""
         return [LowRankConfig(rank_ratio=r) for r in (0.75, 0.5, 0.25, 0.1)]
 
-    def moderate(self) -> TechniqueConfig:
+    def moderate(self) -> LowRankConfig:
         """Half the rank of every eligible layer."""
         return LowRankConfig(rank_ratio=0.5)

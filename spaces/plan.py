@@ -1,26 +1,54 @@
-"""The compression plan: an ordered, JSON-serialisable list of technique configs.
+"""The compression plan and the joint search space.
 
-Canonical order: structure (structured pruning, low-rank) -> sparsity (unstructured pruning) ->
-weight representation (exactly one, or none for fp32) -> activation quantization; plus the
-layer policy and the fine-tuning budget. The plan is what a trial samples, what the dashboard
-shows, what export writes and what ``search.apply`` reads back.
+A plan is an ordered, JSON-serialisable list of technique configs in the canonical order
+structure (structured pruning, low-rank) -> sparsity (unstructured pruning) -> weight
+representation (at most one; none means fp32) -> activation quantization, plus the layer policy
+and the fine-tune overrides. The plan is what a trial samples, what the dashboard shows, what
+export writes and what ``search.apply`` reads back.
+
+Named study spaces are *derived from the registry*: ``all`` offers every registered technique of
+every stage; the family studies (``pruning``, ``quantization``, ...) name technique families,
+which the registry resolves to techniques. A study records the concrete space it was created
+with (:meth:`StudySpace.record`), so a worker whose code offers more techniques keeps sampling
+the recorded space.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+    distribution_to_json,
+)
 from torch import nn
 
-from models.errors import UserError
-from models.train import TrainHook
+from models.errors import UnknownNameError, UserError
+from models.train import TrainConfig, TrainHook
 from spaces.policy import LayerPolicy
-from spaces.registry import STAGES, ApplyContext, TechniqueConfig, get_technique
+from spaces.registry import (
+    STAGES,
+    AnyTechnique,
+    ApplyContext,
+    TechniqueConfig,
+    get_technique,
+    list_techniques,
+    techniques,
+)
 
 PLAN_VERSION = 1
+# Fine-tune overrides a plan may carry: the fields of the preset's TrainConfig but the seed,
+# which belongs to the trial.
+FINETUNE_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "seed")
 
 
 @dataclass(frozen=True)
@@ -35,14 +63,19 @@ class Step:
         return {"technique": self.technique, "config": self.config.to_dict()}
 
     @property
+    def handler(self) -> AnyTechnique:
+        """The registered technique of this step."""
+        return get_technique(self.technique)
+
+    @property
     def stage(self) -> str:
         """The technique's stage."""
-        return get_technique(self.technique).stage
+        return self.handler.stage
 
     @property
     def family(self) -> str:
         """The family label of this step's config (e.g. ``fp16`` or ``fp8`` for ``float``)."""
-        return get_technique(self.technique).family_of(self.config)
+        return self.handler.family_of(self.config)
 
 
 @dataclass(frozen=True)
@@ -50,12 +83,13 @@ class Plan:
     """Techniques in canonical order, the layer policy and the fine-tune budget overrides.
 
     ``finetune`` holds overrides of the preset's fine-tune :class:`models.train.TrainConfig`
-    (e.g. ``{"epochs": 3, "lr": 0.01}``); empty means the preset's budget.
+    (e.g. ``{"epochs": 3, "lr": 0.01}``; keys in :data:`FINETUNE_KEYS`); empty means the
+    preset's budget.
     """
 
     steps: tuple[Step, ...] = ()
     policy: LayerPolicy = field(default_factory=LayerPolicy)
-    finetune: dict[str, Any] = field(default_factory=dict)
+    finetune: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         order = [STAGES.index(s.stage) for s in self.steps]
@@ -67,11 +101,21 @@ class Plan:
         weights = [s.technique for s in self.steps if s.stage == "weights"]
         if len(weights) > 1:
             raise UserError(f"a plan has at most one weight representation, got {weights}")
+        unknown = sorted(set(self.finetune) - set(FINETUNE_KEYS))
+        if unknown:
+            raise UserError(f"finetune.{unknown[0]}: unknown key; known: {', '.join(FINETUNE_KEYS)}")
 
     @property
     def families(self) -> str:
-        """Technique families joined by '+', e.g. ``prune+codebook`` (``fp32`` for none)."""
+        """Technique families joined by '+', e.g. ``prune+kmeans`` (``fp32`` for none)."""
         return "+".join(s.family for s in self.steps) or "fp32"
+
+    @property
+    def weights_family(self) -> str:
+        """The weight representation's family (``fp32`` for none), plus ``+sparse`` when the
+        plan prunes: the label export colours the front by."""
+        rep = next((s.family for s in self.steps if s.stage == "weights"), "fp32")
+        return rep + ("+sparse" if any(s.stage == "sparsity" for s in self.steps) else "")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form, versioned."""
@@ -83,10 +127,13 @@ class Plan:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Plan:
-        """Inverse of :meth:`to_dict`; every error names the bad value."""
-        if not isinstance(d, dict) or "steps" not in d:
-            raise UserError("a plan is a JSON object with 'steps' (see spaces.plan.Plan.to_dict)")
+    def from_dict(cls, d: object) -> Plan:
+        """Inverse of :meth:`to_dict`; a malformed plan is refused in one line naming its JSON
+        path (see :func:`spaces.validate.validate_plan`)."""
+        from spaces.validate import validate_plan
+
+        validate_plan(d)
+        assert isinstance(d, dict)  # validate_plan refuses anything else
         if d.get("version", PLAN_VERSION) != PLAN_VERSION:
             raise UserError(f"plan version {d.get('version')} is not supported (expected {PLAN_VERSION})")
         steps = []
@@ -95,131 +142,243 @@ class Plan:
             steps.append(Step(technique.name, technique.config_from_dict(s.get("config", {}))))
         return cls(tuple(steps), LayerPolicy.from_dict(d.get("policy", {})), dict(d.get("finetune", {})))
 
-    def to_json(self) -> str:
-        """Pretty JSON."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    @classmethod
-    def load(cls, path: str | Path) -> Plan:
-        """Read a plan file (see :func:`read_plan_file`)."""
-        return read_plan_file(path)[0]
+# ------------------------------------------------------------------------ applying a plan
 
 
-def read_plan_file(path: str | Path) -> tuple[Plan, dict[str, Any]]:
-    """A plan file: a bare plan, or a record ``{"plan": ..., "preset": ..., ...}`` as export
-    writes it; returns the plan and the record (empty for a bare plan)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"plan file {p} does not exist")
-    try:
-        record = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"plan file {p} is not valid JSON: {exc}") from None
-    if not isinstance(record, dict):
-        raise UserError(f"plan file {p} must hold a JSON object")
-    if "plan" in record:
-        return Plan.from_dict(record["plan"]), record
-    return Plan.from_dict(record), {}
+@dataclass
+class AppliedPlan:
+    """A plan applied to a model: the per-step states ``apply`` returned and the fine-tune's
+    training hooks. The states belong to this model only; :meth:`copy` copies them with it."""
+
+    model: nn.Module
+    plan: Plan
+    states: tuple[Any, ...]
+    hooks: list[TrainHook]
+
+    def finalize(self) -> None:
+        """Run every step's ``finalize`` (after fine-tuning), in canonical order."""
+        for step, state in zip(self.plan.steps, self.states, strict=True):
+            step.handler.finalize(self.model, step.config, state)
+
+    def copy(self) -> AppliedPlan:
+        """A deep copy of the model and its states together (the states' references to the
+        model's layers follow the copy), with hooks of its own."""
+        model, states = copy.deepcopy((self.model, self.states))
+        return AppliedPlan(model, self.plan, states, _hooks(model, self.plan, states))
 
 
-def apply_plan(model: nn.Module, plan: Plan, ctx: ApplyContext | None = None) -> list[TrainHook]:
-    """Apply every step to ``model`` in place; return the training hooks of the fine-tune."""
+def _hooks(model: nn.Module, plan: Plan, states: tuple[Any, ...]) -> list[TrainHook]:
+    return [h for s, st in zip(plan.steps, states, strict=True) for h in s.handler.hooks(model, s.config, st)]
+
+
+def apply_plan(model: nn.Module, plan: Plan, ctx: ApplyContext | None = None) -> AppliedPlan:
+    """Apply every step to ``model`` in place."""
     ctx = ctx or ApplyContext(policy=plan.policy)
-    hooks: list[TrainHook] = []
-    for step in plan.steps:
-        technique = get_technique(step.technique)
-        technique.apply(model, step.config, ctx)
-        hooks.extend(technique.hooks(model, step.config))
-    return hooks
-
-
-def finalize_plan(model: nn.Module, plan: Plan) -> None:
-    """Run every step's ``finalize`` (after fine-tuning), in canonical order."""
-    for step in plan.steps:
-        get_technique(step.technique).finalize(model, step.config)
+    states = tuple(step.handler.apply(model, step.config, ctx) for step in plan.steps)
+    return AppliedPlan(model, plan, states, _hooks(model, plan, states))
 
 
 # ------------------------------------------------------------------------------ the joint space
 
 NONE = "none"
+FP32 = "fp32"
+
+
+@dataclass(frozen=True)
+class FamilyStudy:
+    """A family study: for each stage, the technique families it searches.
+
+    ``required`` stages always use one of their families; ``optional`` ones may be skipped.
+    """
+
+    name: str
+    description: str
+    required: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    optional: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+FAMILY_STUDIES: tuple[FamilyStudy, ...] = (
+    FamilyStudy("pruning", "structured and unstructured pruning",
+                optional={"structure": ("structured",), "sparsity": ("prune",)}),
+    FamilyStudy("quantization", "fp16/fp8/int-k weights, optional activation quantization",
+                required={"weights": ("fp16", "fp8", "int")}, optional={"activations": ("act",)}),
+    FamilyStudy("clustering", "k-means/GMM/DBSCAN codebooks",
+                required={"weights": ("kmeans", "gmm", "dbscan")}, optional={"sparsity": ("prune",)}),
+    FamilyStudy("lowrank", "low-rank factorization", required={"structure": ("lowrank",)}),
+    FamilyStudy("sws", "soft weight-sharing", required={"weights": ("sws",)}),
+    FamilyStudy("binary", "binary weights", required={"weights": ("binary",)}),
+)
 
 
 @dataclass(frozen=True)
 class StudySpace:
-    """A named study: for each stage, the techniques it may use.
+    """A concrete study space: for each stage, the choices of ``stage.<stage>``.
 
-    A stage listing ``"none"`` may be skipped; a stage with a single option is fixed (not
-    sampled). Structure techniques may be combined (structured pruning then low-rank).
+    A choice is ``"none"`` (skip the stage), ``"fp32"`` (no weight representation), a technique
+    name, or structure techniques chained with ``+``. A stage with a single choice is fixed (not
+    sampled); a stage that is absent is skipped.
     """
 
     name: str
-    stages: dict[str, tuple[str, ...]]
+    stages: Mapping[str, tuple[str, ...]]
     description: str = ""
 
     def options(self, stage: str) -> tuple[str, ...]:
         """Allowed choices of ``stage`` (``("none",)`` when the study leaves it out)."""
         return self.stages.get(stage, (NONE,))
 
+    def technique_names(self) -> list[str]:
+        """Every technique some choice of this space uses, in stage order."""
+        names = {n for opts in self.stages.values() for o in opts for n in o.split("+") if o not in (NONE, FP32)}
+        return [n for n in list_techniques() if n in names] + sorted(names - set(list_techniques()))
 
-def _structure_options(*names: str, optional: bool = True) -> tuple[str, ...]:
-    combos = [*names]
-    if len(names) > 1:
-        combos.append("+".join(names))
-    return ((NONE,) if optional else ()) + tuple(combos)
+    def record(self) -> dict[str, Any]:
+        """What a study stores about its space: the stage choices, and per technique its config
+        version and parameter distributions (to notice a change of the code)."""
+        return {
+            "name": self.name,
+            "stages": {s: list(o) for s, o in self.stages.items()},
+            "techniques": {n: technique_fingerprint(get_technique(n)) for n in self.technique_names()},
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> StudySpace:
+        """The space a study recorded (see :meth:`record`)."""
+        return cls(str(record["name"]), {s: tuple(o) for s, o in record["stages"].items()})
 
 
-STUDIES: dict[str, StudySpace] = {
-    s.name: s
-    for s in (
-        StudySpace(
-            "all",
-            {
-                "structure": _structure_options("structured", "lowrank"),
-                "sparsity": (NONE, "prune"),
-                "weights": ("fp32", "float", "int", "binary", "codebook", "sws"),
-                "activations": (NONE, "actquant"),
-            },
-            "every stage, every weight representation",
-        ),
-        StudySpace(
-            "pruning",
-            {"structure": (NONE, "structured"), "sparsity": (NONE, "prune")},
-            "structured and unstructured pruning",
-        ),
-        StudySpace(
-            "quantization",
-            {"weights": ("float", "int"), "activations": (NONE, "actquant")},
-            "fp16/fp8/int-k weights, optional activation quantization",
-        ),
-        StudySpace("clustering", {"sparsity": (NONE, "prune"), "weights": ("codebook",)}, "k-means/GMM/DBSCAN codebooks"),
-        StudySpace("lowrank", {"structure": ("lowrank",)}, "low-rank factorization"),
-        StudySpace("sws", {"weights": ("sws",)}, "soft weight-sharing"),
-        StudySpace("binary", {"weights": ("binary",)}, "binary weights"),
+def _stage_choices(stage: str, names: Iterable[str], optional: bool) -> tuple[str, ...]:
+    chosen = [get_technique(n) for n in list_techniques(stage) if n in set(names)]
+    head = ((FP32 if stage == "weights" else NONE),) if optional else ()
+    chain = [t.name for t in chosen if t.combinable]
+    combos = ["+".join(c) for r in range(2, len(chain) + 1) for c in itertools.combinations(chain, r)]
+    return head + tuple(t.name for t in chosen) + tuple(combos)
+
+
+def _all_space() -> StudySpace:
+    return StudySpace(
+        "all",
+        {s: _stage_choices(s, list_techniques(s), optional=True) for s in STAGES if list_techniques(s)},
+        "every stage, every weight representation",
     )
-}
+
+
+def _family_space(spec: FamilyStudy) -> StudySpace:
+    stages: dict[str, tuple[str, ...]] = {}
+    for stage in STAGES:
+        for wanted, optional in ((spec.required.get(stage), False), (spec.optional.get(stage), True)):
+            if wanted:
+                names = [n for n in list_techniques(stage) if set(get_technique(n).families) & set(wanted)]
+                if names:
+                    stages[stage] = _stage_choices(stage, names, optional)
+    return StudySpace(spec.name, stages, spec.description)
+
+
+def study_names() -> list[str]:
+    """Names of the study spaces: ``all`` and the family studies."""
+    return ["all", *(f.name for f in FAMILY_STUDIES)]
 
 
 def get_study_space(name: str) -> StudySpace:
-    """The named study space; an unknown name lists the known ones."""
-    from models.errors import UnknownNameError
+    """The named study space as the registered techniques make it today; an unknown name
+    lists the known ones."""
+    if name == "all":
+        return _all_space()
+    for spec in FAMILY_STUDIES:
+        if spec.name == name:
+            return _family_space(spec)
+    raise UnknownNameError("study", name, study_names())
 
-    try:
-        return STUDIES[name]
-    except KeyError:
-        raise UnknownNameError("study", name, STUDIES) from None
+
+# -------------------------------------------------------------------- parameter fingerprints
 
 
-def _choose(trial: Any, stage: str, options: tuple[str, ...]) -> str:
+class _Explorer:
+    """Stands in for an ``optuna.Trial`` in a technique's ``suggest``: records every
+    distribution asked for and answers with a fixed value, so that each categorical branch can
+    be walked (conditional parameters included)."""
+
+    def __init__(self, forced: Mapping[str, Any]) -> None:
+        self.forced = forced
+        self.seen: dict[str, BaseDistribution] = {}
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
+                      log: bool = False) -> float:
+        self.seen[name] = FloatDistribution(low, high, step=step, log=log)
+        return low
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
+        self.seen[name] = IntDistribution(low, high, step=step, log=log)
+        return low
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        self.seen[name] = CategoricalDistribution(list(choices))
+        return self.forced.get(name, list(choices)[0])
+
+
+MAX_BRANCHES = 256  # walks of one technique's suggest (each categorical value once, at least)
+
+
+def technique_fingerprint(technique: AnyTechnique) -> dict[str, Any]:
+    """A technique's config version and the Optuna distribution of every parameter its
+    ``suggest`` can ask for (all categorical branches walked), as JSON."""
+    seen: dict[str, BaseDistribution] = {}
+    queue: list[dict[str, Any]] = [{}]
+    walked: set[tuple[tuple[str, str], ...]] = set()
+    while queue and len(walked) < MAX_BRANCHES:
+        forced = queue.pop()
+        key = tuple(sorted((k, repr(v)) for k, v in forced.items()))
+        if key in walked:
+            continue
+        walked.add(key)
+        explorer = _Explorer(forced)
+        technique.suggest(explorer, technique.name)  # type: ignore[arg-type]
+        for name, dist in explorer.seen.items():
+            seen.setdefault(name, dist)
+            if isinstance(dist, CategoricalDistribution) and name not in forced:
+                queue.extend({**forced, name: c} for c in dist.choices)
+    return {
+        "version": technique.config_cls.VERSION,
+        "params": {n: json.loads(distribution_to_json(d)) for n, d in sorted(seen.items())},
+    }
+
+
+def space_changes(record: Mapping[str, Any]) -> list[str]:
+    """How the techniques of a recorded space differ from this code's (empty: none). A
+    technique that is gone or whose config version or parameters changed is a change; a new
+    technique is not (it is simply not in the recorded space)."""
+    changes = []
+    known = techniques()
+    for name, recorded in record.get("techniques", {}).items():
+        if name not in known:
+            changes.append(f"technique {name!r} is not in this code")
+            continue
+        now = technique_fingerprint(known[name])
+        if now["version"] != recorded.get("version"):
+            changes.append(f"{name} config version {recorded.get('version')} -> {now['version']}")
+        old, new = recorded.get("params", {}), now["params"]
+        for p in sorted(set(old) | set(new)):
+            if old.get(p) != new.get(p):
+                what = "added" if p not in old else "removed" if p not in new else "changed"
+                changes.append(f"parameter {p} {what}")
+    return changes
+
+
+# ------------------------------------------------------------------------------ sampling
+
+
+def _choose(trial: optuna.Trial, stage: str, options: tuple[str, ...]) -> str:
     if len(options) == 1:
         return options[0]
-    return trial.suggest_categorical(f"stage.{stage}", list(options))
+    return str(trial.suggest_categorical(f"stage.{stage}", list(options)))
 
 
 def suggest_plan(
-    trial: Any,
+    trial: optuna.Trial,
     space: StudySpace,
     policy: LayerPolicy | None = None,
-    finetune_space: dict[str, tuple[float, float]] | None = None,
+    finetune_space: Mapping[str, tuple[float, float]] | None = None,
 ) -> Plan:
     """Sample a plan of ``space`` from an Optuna trial.
 
@@ -230,7 +389,7 @@ def suggest_plan(
     steps: list[Step] = []
     for stage in STAGES:
         choice = _choose(trial, stage, space.options(stage))
-        if choice in (NONE, "fp32"):
+        if choice in (NONE, FP32):
             continue
         for name in choice.split("+"):
             steps.append(Step(name, get_technique(name).suggest(trial, name)))

@@ -170,7 +170,7 @@ class PruneHook(TrainHook):
 
 
 @register_technique
-class Prune(Technique):
+class Prune(Technique[PruneConfig, None]):
     """Unstructured magnitude pruning with masks enforced during the fine-tune."""
 
     name = "prune"
@@ -186,9 +186,8 @@ class Prune(Technique):
             schedule=trial.suggest_categorical(f"{prefix}.schedule", list(SCHEDULES)),
         )
 
-    def apply(self, model: nn.Module, config: TechniqueConfig, ctx: ApplyContext) -> None:
+    def apply(self, model: nn.Module, config: PruneConfig, ctx: ApplyContext) -> None:
         """Mask the eligible layers: at the final sparsity (oneshot) or all-ones (gradual)."""
-        assert isinstance(config, PruneConfig)
         layers = []
         for path, layer in ctx.policy.eligible(model):
             c = compress_layer(layer)
@@ -198,24 +197,22 @@ class Prune(Technique):
         start = config.sparsity if config.schedule == "oneshot" else 0.0
         prune_to(layers, start, config.scope)
 
-    def hooks(self, model: nn.Module, config: TechniqueConfig) -> list[TrainHook]:
+    def hooks(self, model: nn.Module, config: PruneConfig, state: None) -> list[TrainHook]:
         """One :class:`PruneHook`."""
-        assert isinstance(config, PruneConfig)
         return [PruneHook(config)]
 
-    def finalize(self, model: nn.Module, config: TechniqueConfig) -> None:
+    def finalize(self, model: nn.Module, config: PruneConfig, state: None) -> None:
         """Reach the final sparsity exactly (a gradual fine-tune may have been cut short)."""
-        assert isinstance(config, PruneConfig)
         layers = masked_layers(model)
         if config.schedule == "gradual":
             prune_to(layers, config.sparsity, config.scope)
         else:
             rezero(layers)
 
-    def settings(self) -> list[TechniqueConfig]:
+    def settings(self) -> list[PruneConfig]:
         """Global one-shot at 0.3, 0.5, 0.7, 0.9, 0.95."""
         return [PruneConfig(sparsity=s) for s in (0.3, 0.5, 0.7, 0.9, 0.95)]
 
-    def moderate(self) -> TechniqueConfig:
+    def moderate(self) -> PruneConfig:
         """Global one-shot at 0.7."""
         return PruneConfig(sparsity=0.7)

@@ -32,21 +32,28 @@ def compressed_layers(model: nn.Module) -> list[tuple[str, CConv2d | CLinear]]:
     return out
 
 
+def protect(layer: CConv2d | CLinear) -> None:
+    """Give a layer the policy protects its representation: per-channel ``PROTECTED_BITS``-bit
+    integers (the classic recipe keeps the first and last layer at 8 bits)."""
+    from spaces.intk import IntRepr  # intk builds on this module
+
+    layer.weight_repr = IntRepr.fit(layer.weight.detach(), bits=PROTECTED_BITS, mask=layer.mask)
+    layer.weight_repr.to(layer.weight.device)
+
+
 def set_weight_repr(model: nn.Module, ctx: ApplyContext, make: ReprFactory, bits: float) -> None:
     """Give every conv/linear layer the representation ``make(path, layer)``.
 
     Layers the policy protects keep at least ``PROTECTED_BITS`` bits: where ``bits`` is lower
-    they get per-channel int8 instead.
+    they are :func:`protect`-ed instead.
     """
-    from spaces.intk import IntRepr  # the protected layers' representation
-
     protected = ctx.policy.protected_paths(model)
     for path, layer in compressed_layers(model):
         if path in protected and bits < PROTECTED_BITS:
-            layer.weight_repr = IntRepr.fit(layer.weight.detach(), bits=PROTECTED_BITS, mask=layer.mask)
+            protect(layer)
         else:
             layer.weight_repr = make(path, layer)
-        layer.weight_repr.to(layer.weight.device)
+            layer.weight_repr.to(layer.weight.device)
 
 
 @torch.no_grad()

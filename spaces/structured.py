@@ -532,13 +532,14 @@ def prune_channels(
 
 
 @register_technique
-class Structured(Technique):
+class Structured(Technique[StructuredConfig, None]):
     """Structured filter pruning: a smaller dense model, fine-tuned by the one training loop."""
 
     name = "structured"
     stage = "structure"
     family = "structured"
     config_cls = StructuredConfig
+    combinable = True
 
     def suggest(self, trial: optuna.Trial, prefix: str) -> StructuredConfig:
         """ratio in [0.05, 0.8]; criterion and coupled categorical."""
@@ -548,16 +549,15 @@ class Structured(Technique):
             coupled=trial.suggest_categorical(f"{prefix}.coupled", [True, False]),
         )
 
-    def apply(self, model: nn.Module, config: TechniqueConfig, ctx: ApplyContext) -> None:
+    def apply(self, model: nn.Module, config: StructuredConfig, ctx: ApplyContext) -> None:
         """Prune every group whose producers the policy lets shrink."""
-        assert isinstance(config, StructuredConfig)
         eligible = {p for p, _ in ctx.policy.eligible(model)}
         prune_channels(model, config.ratio, config.criterion, eligible, config.coupled)
 
-    def settings(self) -> list[TechniqueConfig]:
+    def settings(self) -> list[StructuredConfig]:
         """ratio 0.1, 0.3, 0.5, 0.7."""
         return [StructuredConfig(ratio=r) for r in (0.1, 0.3, 0.5, 0.7)]
 
-    def moderate(self) -> TechniqueConfig:
+    def moderate(self) -> StructuredConfig:
         """ratio 0.3, L1, coupled."""
         return StructuredConfig(ratio=0.3)

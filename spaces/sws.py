@@ -48,7 +48,6 @@ per-channel int8 at ``apply``.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,16 +59,19 @@ from torch import Tensor, nn
 from models.train import TrainHook
 from spaces.cluster1d import kmeans_1d
 from spaces.codebook import CodebookRepr, kept_values, member_counts
-from spaces.intk import IntRepr
 from spaces.layers import CConv2d, CLinear
-from spaces.policy import PROTECTED_BITS
 from spaces.registry import ApplyContext, Technique, TechniqueConfig, check, register_technique
-from spaces.represent import compressed_layers, snap_weights
+from spaces.represent import compressed_layers, protect, snap_weights
 
 SHARE = "sws.codebook"  # the codec's key of the one stored copy of the final codebook
 _LOG_2PI = math.log(2 * math.pi)
 _MIN_STD, _MAX_STD = 0.05, 1.0  # clamp of every component's std, in units of s
 _CHUNK_ENTRIES = 1 << 21  # (weights x components) entries evaluated at once (8 MB in fp32)
+# Nodes of the table the likelihood is read from (see _GridNLL). Their spacing is the weights'
+# range / 2047: on LeNet-300 (range about 15 s) 0.14 of the smallest std, which keeps the weights'
+# gradients within 0.3% of the exact ones (tests/spaces_tests/test_sws.py).
+_NODES = 2048
+_EXACT_PER_NODE = 4  # at most this many weights per node: the exact evaluation is as cheap
 
 
 # ------------------------------------------------------------------------ mixture likelihood
@@ -134,17 +136,111 @@ class _MixtureNLL(torch.autograd.Function):
         return out_x, (g_mu * g).to(mu.dtype), (g_lv * g).to(logvar.dtype), (g_pi * g).to(logpi.dtype), None
 
 
+def _node_counts(idx: Tensor, nodes: int) -> Tensor:
+    """How many entries of ``idx`` (int32, in ``[0, nodes)``) fall on each node, as float32."""
+    if idx.device.type == "cpu":
+        return torch.bincount(idx, minlength=nodes).float()
+    # CUDA's bincount reads the largest index back to the host (a synchronisation); an atomic
+    # scatter-add does not. Float32 counts are exact up to 2**24 weights on one node.
+    ones = torch.ones((), dtype=torch.float32, device=idx.device).expand(idx.numel())
+    return torch.zeros(nodes, dtype=torch.float32, device=idx.device).index_add_(0, idx, ones)
+
+
+class _GridNLL(torch.autograd.Function):
+    """``scale * -sum_i log p(x_i)`` and its gradients, read from a table over the weights' range.
+
+    The per-weight negative log-likelihood ``f(x) = -log sum_j pi_j N(x | mu_j, var_j)`` is a
+    function of one variable, so it is evaluated exactly (all components) at ``nodes`` evenly
+    spaced points spanning ``[min x, max x]``, with its first two derivatives, and each weight is
+    assigned its nearest node ``c``. Then
+
+    * the weight's gradient is the first-order Taylor expansion of ``f'`` about that node,
+      ``f'(c) + f''(c) (x - c)`` (error of order spacing^2 times the third derivative);
+    * the loss and the prior's gradients are sums over the nodes, each weighted by how many weights
+      it holds (the weights' first-order terms ``f'(c) (x - c)`` average out over a node).
+
+    Per weight that is a min/max, an affine map, a histogram and two table look-ups, about 10
+    passes over the weights instead of ~15 over (weights x components); nothing of size
+    (weights x components) is ever formed. Everything is computed in the forward (the backward
+    only returns it), with ``scale`` folded into the tables: multiplying the weights' gradient by
+    the loss weight afterwards would be one more full pass.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, mu: Tensor, logvar: Tensor, logpi: Tensor, nodes: int,
+                scale: float | Tensor) -> Tensor:
+        m, inv_var, const = _constants(mu, logvar, logpi)
+        x = x.detach().float()
+        lo, hi = torch.aminmax(x)
+        step = (hi - lo).clamp_min(1e-30) / (nodes - 1)
+        inv = 1.0 / step
+        # Node g is at lo + g * step; u = (x - lo) / step + 0.5 is >= 0, so int() (truncation)
+        # gives the nearest node.
+        idx = x.mul(inv).add_(0.5 - lo * inv).int()
+        counts = _node_counts(idx, nodes)
+        c = lo + step * torch.arange(nodes, dtype=torch.float32, device=x.device)
+        # (k, G): the reductions over the components run along the contiguous nodes.
+        d = c - m[:, None]
+        s = d * inv_var[:, None]  # (c - mu) / var
+        lp = torch.addcmul(const[:, None], d, s, value=-0.5)  # log pi_j + log N(c | mu_j, var_j)
+        top = lp.amax(0)
+        # Clamped so that no responsibility (nor its products below) is a denormal float: they
+        # are ~100x slower on x86, and a component e^-60 times less likely than another is nil.
+        e = torch.exp((lp - top).clamp_(min=-60.0))
+        z = e.sum(0)
+        r = e / z  # responsibilities
+        rs = r * s
+        rm = r - rs * d  # r (1 - (c - mu)^2 / var)
+        f1 = rs.sum(0)  # f'
+        f2 = torch.addcmul(inv_var @ rm, f1, f1)  # f'' = sum r / var - sum r s^2 + f'^2
+        g_x = None
+        if ctx.needs_input_grad[0]:
+            # f'(c) + f''(c) (x - c) as intercept + slope * x: no per-weight offset pass.
+            slope = f2 * scale
+            icpt = (f1 - f2 * c) * scale
+            g_x = icpt.index_select(0, idx).addcmul_(slope.index_select(0, idx), x)
+        ctx.g_x = g_x
+        ctx.dtypes = (x.dtype, mu.dtype, logvar.dtype, logpi.dtype)
+        ctx.save_for_backward(-(rs @ counts) * scale, 0.5 * (rm @ counts) * scale, -(r @ counts) * scale)
+        return -(counts @ (top + z.log())) * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        g_mu, g_lv, g_pi = ctx.saved_tensors
+        g_x, ctx.g_x = ctx.g_x, None
+        # Training adds the loss as it is (grad == 1): skip a full pass over the weights. On the
+        # CPU the check is free; on an accelerator it would synchronise, so multiply there.
+        one = grad.device.type == "cpu" and grad.numel() == 1 and float(grad) == 1.0
+        if g_x is not None and not one:
+            g_x = g_x * grad
+        dx, dm, dl, dp = ctx.dtypes
+        return (None if g_x is None else g_x.to(dx), (g_mu * grad).to(dm), (g_lv * grad).to(dl),
+                (g_pi * grad).to(dp), None, None)
+
+
+def _nll(x: Tensor, mu: Tensor, logvar: Tensor, logpi: Tensor, chunk: int | None, nodes: int | None,
+         scale: float | Tensor = 1.0) -> Tensor:
+    """``scale`` times the summed NLL of the flat ``x``: from the table, or exact when small."""
+    if nodes is not None and x.numel() > _EXACT_PER_NODE * nodes:
+        return _GridNLL.apply(x, mu, logvar, logpi, nodes, scale)
+    return _MixtureNLL.apply(x, mu, logvar, logpi, _chunk_size(mu.numel(), chunk)) * scale
+
+
 def _kept_flat(w: Tensor, mask: Tensor | None) -> Tensor:
     flat = w.reshape(-1)
     return flat if mask is None else flat[mask.reshape(-1)]
 
 
 def mixture_nll(w: Tensor, mu: Tensor, logvar: Tensor, logpi: Tensor, mask: Tensor | None = None,
-                chunk: int | None = None) -> Tensor:
+                chunk: int | None = None, nodes: int | None = _NODES) -> Tensor:
     """Negative log-likelihood (summed) of the entries of ``w`` (those in ``mask``) under the
     mixture with means ``mu``, log-variances ``logvar`` and log mixing weights ``logpi`` (all
-    (k,)), evaluated ``chunk`` weights at a time (default: about 2M weight-component pairs)."""
-    return _MixtureNLL.apply(_kept_flat(w, mask), mu, logvar, logpi, _chunk_size(mu.numel(), chunk))
+    (k,)).
+
+    With more than ``4 * nodes`` entries it is read from a table of ``nodes`` points over their
+    range (:class:`_GridNLL`); otherwise, or with ``nodes=None``, it is exact, evaluated
+    ``chunk`` weights at a time (default: about 2M weight-component pairs)."""
+    return _nll(_kept_flat(w, mask), mu, logvar, logpi, chunk, nodes)
 
 
 def mixture_nll_reference(w: Tensor, mu: Tensor, logvar: Tensor, logpi: Tensor,
@@ -211,15 +307,17 @@ class MixturePrior(nn.Module):
                            math.log1p(-self.pi_zero) + torch.log_softmax(self.logits, 0)])
         return mu, lv, logpi
 
-    def nll(self, weights: list[tuple[Tensor, Tensor | None]], chunk: int | None = None) -> Tensor:
-        """Summed negative log-likelihood of the kept entries of every ``(weight, mask)``."""
+    def nll(self, weights: list[tuple[Tensor, Tensor | None]], chunk: int | None = None,
+            nodes: int | None = _NODES, scale: float | Tensor = 1.0) -> Tensor:
+        """``scale`` times the summed negative log-likelihood of the kept entries of every
+        ``(weight, mask)`` (evaluated as :func:`mixture_nll` does)."""
         mu, lv, logpi = self.components()
         if not weights:
             return mu.new_zeros(())
         # One flat copy of all kept weights (4 bytes each, its gradient as much again): far
         # fewer kernel launches than a call per layer, and nothing of size weights x components.
         x = torch.cat([_kept_flat(w, mask) for w, mask in weights])
-        return _MixtureNLL.apply(x, mu, lv, logpi, _chunk_size(mu.numel(), chunk))
+        return _nll(x, mu, lv, logpi, chunk, nodes, scale)
 
 
 @dataclass(frozen=True)
@@ -314,15 +412,15 @@ class SWSConfig(TechniqueConfig):
 
 
 @dataclass
-class _State:
-    """What ``apply`` leaves for ``hooks`` and ``finalize``: the prior and the layers under it."""
+class SWSState:
+    """What ``apply`` returns for ``hooks`` and ``finalize``: the prior and the layers under it.
+
+    The prior is training-only state: it stays out of the model (and out of the artifact). Copy
+    it together with its model (``copy.deepcopy((model, state))``) so that ``layers`` follows.
+    """
 
     prior: MixturePrior
     layers: list[CConv2d | CLinear]
-
-
-# Keyed by model, so the prior stays out of the model (it is training-only state) and dies with it.
-_STATES: weakref.WeakKeyDictionary[nn.Module, _State] = weakref.WeakKeyDictionary()
 
 
 def _prior_weights(layers: list[CConv2d | CLinear]) -> list[tuple[Tensor, Tensor | None]]:
@@ -332,7 +430,7 @@ def _prior_weights(layers: list[CConv2d | CLinear]) -> list[tuple[Tensor, Tensor
 class SWSHook(TrainHook):
     """The prior's parameter groups and the complexity loss ``tau(step) * NLL / n``."""
 
-    def __init__(self, state: _State, config: SWSConfig) -> None:
+    def __init__(self, state: SWSState, config: SWSConfig) -> None:
         self.state, self.config = state, config
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
@@ -357,10 +455,14 @@ class SWSHook(TrainHook):
         weights = _prior_weights(self.state.layers)
         if not weights or self.config.tau == 0:
             return None
-        # Counted on the device each step (masks may change under gradual pruning); int() would
-        # synchronise the GPU.
-        n = sum(w.new_tensor(float(w.numel())) if m is None else m.sum().float() for w, m in weights)
-        return self.tau(step, total_steps) * self.state.prior.nll(weights) / n.clamp_min(1.0)
+        # Masks are counted on the device each step (they may change under gradual pruning; int()
+        # would synchronise the GPU); unmasked layers are counted on the host, for free. The
+        # weight goes into the likelihood, which folds it into its tables (see _GridNLL).
+        n: float | Tensor = float(sum(w.numel() for w, m in weights if m is None))
+        masks = [m for _, m in weights if m is not None]
+        if masks:
+            n = (n + sum(m.sum() for m in masks)).float().clamp_min(1.0)
+        return self.state.prior.nll(weights, scale=self.tau(step, total_steps) / (n if masks else max(n, 1.0)))
 
 
 def _kept(layer: CConv2d | CLinear) -> np.ndarray:
@@ -368,7 +470,7 @@ def _kept(layer: CConv2d | CLinear) -> np.ndarray:
 
 
 @register_technique
-class SoftWeightSharing(Technique):
+class SoftWeightSharing(Technique[SWSConfig, SWSState]):
     """Soft weight-sharing: a learned Gaussian-mixture prior during fine-tuning, then a snap to
     its means (zero component -> pruned) and a global codebook."""
 
@@ -385,41 +487,26 @@ class SoftWeightSharing(Technique):
             pi_zero=trial.suggest_float(f"{prefix}.pi_zero", 0.5, 0.99),
         )
 
-    def apply(self, model: nn.Module, config: TechniqueConfig, ctx: ApplyContext) -> None:
-        """Wrap the layers, give protected ones int8, and fit the prior to the others' weights."""
-        assert isinstance(config, SWSConfig)
+    def apply(self, model: nn.Module, config: SWSConfig, ctx: ApplyContext) -> SWSState:
+        """Wrap the layers, protect the ones the policy protects, and fit the prior to the
+        others' weights."""
         protected = ctx.policy.protected_paths(model)
         layers = []
         for path, layer in compressed_layers(model):
             if path in protected:
-                layer.weight_repr = IntRepr.fit(layer.weight.detach(), bits=PROTECTED_BITS, mask=layer.mask)
-                layer.weight_repr.to(layer.weight.device)
+                protect(layer)
             else:
                 layers.append(layer)
-        _STATES[model] = _State(self._fit_prior(layers, config), layers)
-
-    @staticmethod
-    def _fit_prior(layers: list[CConv2d | CLinear], config: SWSConfig) -> MixturePrior:
         values = np.concatenate([_kept(m) for m in layers]) if layers else np.zeros(0)
-        return MixturePrior.fit(values, config.components, config.pi_zero)
+        return SWSState(MixturePrior.fit(values, config.components, config.pi_zero), layers)
 
-    def hooks(self, model: nn.Module, config: TechniqueConfig) -> list[TrainHook]:
+    def hooks(self, model: nn.Module, config: SWSConfig, state: SWSState) -> list[TrainHook]:
         """The prior's hook (parameter groups and complexity loss)."""
-        assert isinstance(config, SWSConfig)
-        return [SWSHook(self._state(model, config), config)]
+        return [SWSHook(state, config)]
 
-    def _state(self, model: nn.Module, config: SWSConfig) -> _State:
-        state = _STATES.get(model)
-        if state is None:  # e.g. a deep copy of an applied model: start from its weights
-            layers = [m for _, m in compressed_layers(model) if m.weight_repr is None]
-            state = _STATES[model] = _State(self._fit_prior(layers, config), layers)
-        return state
-
-    def finalize(self, model: nn.Module, config: TechniqueConfig) -> None:
+    def finalize(self, model: nn.Module, config: SWSConfig, state: SWSState) -> None:
         """Merge close components, snap each weight to its component's mean (zero -> pruned),
         and install the mask and a global codebook of the non-zero means."""
-        assert isinstance(config, SWSConfig)
-        state = self._state(model, config)
         mix = Mixture.of(state.prior).merged(config.merge)
         assigned = [mix.assign(_kept(m)) for m in state.layers]
         used = np.unique(np.concatenate(assigned + [np.zeros(0, dtype=np.int64)]))
@@ -434,7 +521,6 @@ class SoftWeightSharing(Technique):
         for layer, comp in zip(state.layers, assigned, strict=True):
             self._install(layer, remap[comp], shared, counts)
         snap_weights(model)
-        _STATES.pop(model, None)
 
     @staticmethod
     def _install(layer: CConv2d | CLinear, labels: np.ndarray, centroids: nn.Parameter, counts: Tensor) -> None:
@@ -451,10 +537,10 @@ class SoftWeightSharing(Technique):
                                                share=SHARE, counts=counts)
         layer.weight_repr.to(device)
 
-    def settings(self) -> list[TechniqueConfig]:
+    def settings(self) -> list[SWSConfig]:
         """32, 16, 8, 4 components."""
         return [SWSConfig(components=k) for k in (32, 16, 8, 4)]
 
-    def moderate(self) -> TechniqueConfig:
+    def moderate(self) -> SWSConfig:
         """16 components (at most 15 non-zero shared values, 4-bit indices) and the defaults."""
         return SWSConfig(components=16)

@@ -19,7 +19,10 @@ import models.datasets as ds
 from models.datasets import Splits, list_datasets, load_dataset, split_indices
 from models.errors import DataNotFoundError, UnknownNameError, UserError
 
-T10K_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist-t10k"
+# The official MNIST test set lives outside the repository: tests find it only when this variable
+# names its folder (e.g. PARETO_MNIST_T10K=../shared/data/mnist-t10k).
+_T10K_ENV = os.environ.get("PARETO_MNIST_T10K", "")
+T10K_DIR = Path(_T10K_ENV).expanduser().resolve() if _T10K_ENV else None
 
 
 def _rows(x: torch.Tensor, y: torch.Tensor) -> Counter:
@@ -303,6 +306,36 @@ def test_mnist_idx_round_trip(tmp_path: Path, name: str, folder: str) -> None:
     assert (len(split.y_train), len(split.y_val), len(split.y_test)) == (24, 6, 10)
 
 
+def test_fashion_mnist_from_the_debian_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    debian = tmp_path / "usr-share-datasets-fashion-mnist"  # stands in for the package's folder
+    monkeypatch.setattr(ds, "DEBIAN_FASHION_MNIST", debian)
+    data_dir = tmp_path / "data"
+    with pytest.raises(DataNotFoundError) as info:
+        load_dataset("fashion-mnist", data_dir, download=False)
+    msg = str(info.value)
+    assert "\n" not in msg and str(data_dir / "FashionMNIST" / "raw") in msg and str(debian) in msg
+    assert "apt-get install dataset-fashion-mnist" in msg
+    arrays = _write_mnist(debian, n_train=20, n_test=6)
+    s = load_dataset("fashion-mnist", data_dir, val_fraction=0.0, download=False)
+    assert s.name == "fashion-mnist" and (len(s.y_train), len(s.y_test)) == (20, 6)
+    assert torch.equal(s.x_train[:, 0], torch.from_numpy(arrays["train-images-idx3-ubyte"]))
+    assert s.y_test.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
+    # --data-dir comes first.
+    own = _write_mnist(data_dir / "FashionMNIST" / "raw", n_train=12, n_test=4)
+    s = load_dataset("fashion-mnist", data_dir, val_fraction=0.0, download=False)
+    assert len(s.y_train) == 12 and s.y_train.tolist() == own["train-labels-idx1-ubyte"].tolist()
+
+
+def test_fashion_mnist_debian_location_is_tried_before_a_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    debian = tmp_path / "debian"
+    _write_mnist(debian)
+    monkeypatch.setattr(ds, "DEBIAN_FASHION_MNIST", debian)
+    monkeypatch.setattr(ds, "import_torchvision", lambda: pytest.fail("no download when installed"))
+    assert len(load_dataset("fashion-mnist", tmp_path / "data", val_fraction=0.0).y_train) == 30
+
+
 def test_mnist_corrupt_and_missing(tmp_path: Path) -> None:
     raw = tmp_path / "MNIST" / "raw"
     _write_mnist(raw)
@@ -316,16 +349,28 @@ def test_mnist_corrupt_and_missing(tmp_path: Path) -> None:
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.skipif(not T10K_DIR.is_dir(), reason=f"{T10K_DIR} is absent")
+@pytest.mark.skipif(
+    T10K_DIR is None or not T10K_DIR.is_dir(), reason="set PARETO_MNIST_T10K to the MNIST test-set folder"
+)
 def test_mnist_t10k_shared(tmp_path: Path) -> None:
-    s = load_dataset("mnist-t10k", tmp_path, val_fraction=0.1, seed=0)
-    _check_layout(s)
-    assert s.name == "mnist-t10k" and s.spec.size == 28 and s.spec.mean == (0.1307,)
-    assert (len(s.y_train), len(s.y_val), len(s.y_test)) == (7200, 800, 2000)
-    assert sorted(set(s.y_test.tolist())) == list(range(10))
+    assert T10K_DIR is not None
     explicit = load_dataset(f"mnist-t10k:{T10K_DIR}", val_fraction=0.1, seed=0)
+    _check_layout(explicit)
     assert explicit.name.startswith("mnist-t10k:")
+    assert explicit.spec.size == 28 and explicit.spec.mean == (0.1307,)
+    assert (len(explicit.y_train), len(explicit.y_val), len(explicit.y_test)) == (7200, 800, 2000)
+    assert sorted(set(explicit.y_test.tolist())) == list(range(10))
+    (tmp_path / "mnist-t10k").symlink_to(T10K_DIR)  # the same files, found under --data-dir
+    s = load_dataset("mnist-t10k", tmp_path, val_fraction=0.1, seed=0)
+    assert s.name == "mnist-t10k"
     assert torch.equal(explicit.x_test, s.x_test) and torch.equal(explicit.x_val, s.x_val)
+
+
+def test_mnist_t10k_looks_only_in_data_dir(tmp_path: Path) -> None:
+    with pytest.raises(DataNotFoundError) as info:
+        load_dataset("mnist-t10k", tmp_path / "data")
+    msg = str(info.value)
+    assert f"not found in {tmp_path / 'data' / 'mnist-t10k'} (" in msg and "mnist-t10k:DIR" in msg
 
 
 def test_mnist_t10k_from_data_dir(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from models.datasets import load_dataset
-from models.loader import PAD, DeviceLoader, random_crop_flip
+from models.loader import PAD, DeviceLoader, is_resident, place, random_crop_flip, transfer_stats
 from models.spec import DataSpec
 from models.train import loaders
 
@@ -258,6 +258,41 @@ def test_errors() -> None:
         DeviceLoader(x, y, CIFAR_SPEC, 0, train=False)
     with pytest.raises(ValueError, match="1 channels but the DataSpec has 3"):
         DeviceLoader(x[:, :1].contiguous(), y, CIFAR_SPEC, 4, train=False)
+
+
+# --- placement: one counted copy per split and device ------------------------------------------
+
+
+def test_place_counts_host_data_and_not_resident_data() -> None:
+    cpu = torch.device("cpu")
+    x = _random_images(6)
+    copies, nbytes = transfer_stats()
+    resident = place(x, cpu)
+    assert transfer_stats() == (copies + 1, nbytes + x.nbytes)
+    assert is_resident(resident, cpu) and not is_resident(x, cpu)
+    assert torch.equal(resident, x) and resident.is_contiguous()
+    assert place(resident, cpu) is resident and place(resident, "cpu") is resident
+    assert transfer_stats() == (copies + 1, nbytes + x.nbytes)
+    place(x, cpu)  # host data again: a second copy, as it would be on a GPU
+    assert transfer_stats()[0] == copies + 2
+    strided = x.transpose(2, 3)
+    assert place(strided, cpu).is_contiguous()
+
+
+def test_loaders_of_resident_data_copy_nothing_and_share_the_padded_copy() -> None:
+    cpu = torch.device("cpu")
+    x, y = place(_random_images(20), cpu), place(torch.arange(20), cpu)
+    before = transfer_stats()
+    a = DeviceLoader(x, y, CIFAR_SPEC, 4, train=True, seed=0)
+    b = DeviceLoader(x, y, CIFAR_SPEC, 4, train=True, seed=1)
+    assert transfer_stats() == before
+    assert a.x is x and a.padded is not None and a.padded is b.padded
+    # Host data: counted, and each loader pads its own copy.
+    host = _random_images(20)
+    c = DeviceLoader(host, torch.arange(20), CIFAR_SPEC, 4, train=True)
+    d = DeviceLoader(host, torch.arange(20), CIFAR_SPEC, 4, train=True)
+    assert transfer_stats()[0] == before[0] + 4
+    assert c.padded is not None and d.padded is not None and c.padded is not d.padded
 
 
 # --- real data: the train loader sees train images only ----------------------------------------

@@ -18,6 +18,7 @@ DESIGNED = {
     "cifar10-resnet18": ("resnet18", "cifar10"),
     "cifar10-mobilenetv2": ("mobilenetv2", "cifar10"),
     "cifar10-wrn16-4": ("wrn16_4", "cifar10"),
+    "cifar10-resnet-mini": ("resnet_mini", "cifar10"),
     "mnist-lenet300": ("lenet300", "mnist"),
     "mnist-lenet5": ("lenet5", "mnist"),
     "digits": ("digits_cnn", "digits"),
@@ -65,6 +66,14 @@ def test_digits_preset_fits_its_data() -> None:
     assert (spec.channels, spec.size, spec.num_classes) == (
         data.spec.channels, data.spec.size, data.spec.num_classes,
     )
+
+
+def test_resnet_mini_preset_is_the_quick_cifar_recipe() -> None:
+    # benchmarks/gpu.py times a 20-trial study of it: same recipe as cifar10-resnet18, shorter.
+    mini, full = get_preset("cifar10-resnet-mini"), get_preset("cifar10-resnet18")
+    assert mini.baseline.epochs < full.baseline.epochs and mini.finetune.epochs < full.finetune.epochs
+    assert mini.baseline.replace(epochs=full.baseline.epochs) == full.baseline
+    assert mini.finetune.replace(epochs=full.finetune.epochs) == full.finetune
 
 
 def test_unknown_preset_lists_known_ones() -> None:

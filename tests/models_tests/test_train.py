@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from typing import Any
@@ -18,6 +19,7 @@ from models.train import (
     EpochRecord,
     TrainConfig,
     TrainHook,
+    distillation_loss,
     evaluate,
     evaluate_split,
     loaders,
@@ -267,6 +269,10 @@ def test_after_step_sees_updated_weights(digits: Splits) -> None:
         ({"lr": float("nan")}, "lr"),
         ({"warmup": 1.0}, "warmup"),
         ({"label_smoothing": -0.1}, "label_smoothing"),
+        ({"distill_weight": 1.5}, "distill_weight must be in \\[0, 1\\], got 1.5"),
+        ({"distill_weight": -0.1}, "distill_weight"),
+        ({"distill_temperature": 0.0}, "distill_temperature must be > 0, got 0.0"),
+        ({"distill_temperature": float("nan")}, "distill_temperature"),
     ],
 )
 def test_config_validation(changes: dict[str, Any], needle: str) -> None:
@@ -287,6 +293,114 @@ def test_config_round_trip() -> None:
     with pytest.raises(UserError, match="version"):
         TrainConfig.from_dict({**d, "version": 99})
     assert config.replace(lr=0.2).lr == 0.2 and config.lr == 0.1
+
+
+def test_config_distill_fields_round_trip_and_old_dicts_load() -> None:
+    # A dict written before the distillation fields existed (version 1, no distill_* keys).
+    old = {"version": 1, "epochs": 3, "batch_size": 32, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9,
+           "weight_decay": 5e-4, "schedule": "cosine", "warmup": 0.0, "label_smoothing": 0.0, "seed": 0}
+    loaded = TrainConfig.from_dict(old)
+    assert loaded.distill_weight == 0.0 and loaded.distill_temperature == 4.0
+    # Not distilling serialises exactly as before: baseline cache keys do not change.
+    assert loaded.to_dict() == old
+    distil = TrainConfig(distill_weight=0.5, distill_temperature=2.0)
+    d = distil.to_dict()
+    assert d["distill_weight"] == 0.5 and d["distill_temperature"] == 2.0
+    assert TrainConfig.from_dict(json.loads(json.dumps(d))) == distil
+
+
+# --- distillation ------------------------------------------------------------------------------------
+
+
+def _linear(seed: int) -> nn.Module:
+    """No BatchNorm or dropout: train and eval mode compute the same function."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+
+def test_distillation_loss_formula() -> None:
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(5, 10, generator=g), torch.randn(5, 10, generator=g)
+    t = 3.0
+    p_t = torch.softmax(teacher / t, 1)
+    expected = t * t * (p_t * (p_t.log() - torch.log_softmax(student / t, 1))).sum(1).mean()
+    torch.testing.assert_close(distillation_loss(student, teacher, t), expected)
+    assert float(distillation_loss(teacher, teacher, t)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_distillation_refused_without_teacher(digits: Splits) -> None:
+    with pytest.raises(UserError, match="distill_weight 0.5 needs a teacher"):
+        train(_linear(0), digits, FAST.replace(distill_weight=0.5), device=CPU)
+    with pytest.raises(UserError, match="teacher outputs"):
+        wrong = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+        train(_linear(0), digits, FAST.replace(distill_weight=0.5), device=CPU, teacher=wrong)
+
+
+def test_distillation_loss_is_the_mix_of_ce_and_kl(digits: Splits) -> None:
+    # A learning rate so small the student does not move: the epoch's mean loss can be recomputed
+    # from the same batches (same seed, same order).
+    w, temp = 0.3, 2.0
+    config = FAST.replace(epochs=1, lr=1e-12, schedule="constant", distill_weight=w, distill_temperature=temp)
+    student, teacher = _linear(0), _linear(1)
+    plain = train(copy.deepcopy(student), digits, config.replace(distill_weight=0.0), device=CPU)
+    mixed = train(student, digits, config, device=CPU, teacher=teacher)
+    train_loader, _ = loaders(digits, config.batch_size, CPU, seed=config.seed)
+    terms = []
+    with torch.no_grad():
+        for xb, yb in train_loader:
+            ce = nn.functional.cross_entropy(student(xb), yb)
+            terms.append((1 - w) * ce + w * distillation_loss(student(xb), teacher(xb), temp))
+    expected = float(torch.stack(terms).mean())
+    assert mixed.history[0].train_loss == pytest.approx(expected, rel=1e-5)
+    assert abs(mixed.history[0].train_loss - plain.history[0].train_loss) > 0.01
+
+
+def test_distillation_with_teacher_equal_to_student_has_zero_loss(digits: Splits) -> None:
+    # Pure distillation (w = 1) from an identical teacher: KL is 0, so nothing moves.
+    config = FAST.replace(epochs=1, weight_decay=0.0, distill_weight=1.0)
+    student = _linear(0)
+    teacher = copy.deepcopy(student)
+    before = _weights(student)
+    result = train(student, digits, config, device=CPU, teacher=teacher)
+    assert result.history[0].train_loss == pytest.approx(0.0, abs=1e-6)
+    for k, v in student.state_dict().items():
+        torch.testing.assert_close(v, before[k], atol=1e-6, rtol=0)
+
+
+def _kl_to(teacher: nn.Module, student: nn.Module, digits: Splits) -> float:
+    _, val_loader = loaders(digits, 512, CPU)
+    with torch.no_grad():
+        return float(sum(distillation_loss(student(xb), teacher(xb), 1.0) for xb, _ in val_loader))
+
+
+def test_distilled_student_moves_toward_the_teacher(digits: Splits) -> None:
+    # The teacher's outputs have nothing to do with the labels: only distillation can follow them.
+    teacher = _linear(7)
+    with torch.no_grad():
+        teacher[1].weight.mul_(5.0)
+    config = FAST.replace(epochs=3, weight_decay=0.0, lr=0.05)
+    start = _kl_to(teacher, _linear(0), digits)
+    labels_only = _linear(0)
+    train(labels_only, digits, config, device=CPU)
+    distilled = _linear(0)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    inputs: dict[str, torch.Tensor] = {}
+    student_hook = distilled.register_forward_pre_hook(lambda m, a: inputs.__setitem__("student", a[0]))
+
+    def teacher_pre(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        assert not module.training and not torch.is_grad_enabled()
+        seen.append((inputs["student"], args[0]))
+
+    teacher_hook = teacher.register_forward_pre_hook(teacher_pre)
+    teacher_before = _weights(teacher)
+    train(distilled, digits, config.replace(distill_weight=0.9), device=CPU, teacher=teacher)
+    student_hook.remove()
+    teacher_hook.remove()
+    assert len(seen) == 3 * (len(digits.x_train) // config.batch_size)
+    assert all(s is t for s, t in seen)  # the teacher sees the student's own batch, not a copy
+    assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert _kl_to(teacher, distilled, digits) < 0.5 * min(start, _kl_to(teacher, labels_only, digits))
 
 
 # --- BatchNorm recalibration ------------------------------------------------------------------------

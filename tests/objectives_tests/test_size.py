@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from models.registry import create_model
-from objectives.size import bitops, compression_ratio, layer_macs, model_bytes, size_breakdown
+from objectives.size import bitops, layer_macs, measure
 from spaces.actquant import ActQuantConfig
 from spaces.intk import IntConfig
-from spaces.plan import Plan, Step, apply_plan, finalize_plan
+from spaces.plan import Plan, Step, apply_plan
 from spaces.policy import LayerPolicy
 from spaces.registry import ApplyContext
 from storage.codec import encode
@@ -23,8 +23,8 @@ def _compress(model: nn.Module, steps: tuple[Step, ...], policy: LayerPolicy, sh
     torch.manual_seed(0)
     plan = Plan(steps, policy=policy)
     calib = lambda: iter([torch.randn(16, *shape[1:]) for _ in range(2)])  # noqa: E731
-    apply_plan(model, plan, ApplyContext(policy=policy, calibration=calib))
-    finalize_plan(model, plan)
+    applied = apply_plan(model, plan, ApplyContext(policy=policy, calibration=calib))
+    applied.finalize()
     return model.eval()
 
 
@@ -35,23 +35,27 @@ def _lenet300() -> nn.Module:
 
 def test_ratio_of_a_model_to_itself_is_one() -> None:
     model = _lenet300()
-    assert compression_ratio(model, model) == 1.0
-    assert compression_ratio(model, model_bytes(model)) == 1.0
+    size = measure(model)
+    assert size.artifact == encode(model)
+    assert size.ratio(size.bytes) == 1.0
+    with pytest.raises(ValueError, match="baseline bytes"):
+        size.ratio(0)
 
 
 def test_int4_lenet300_ratio_is_the_byte_quotient() -> None:
     baseline = _lenet300()
     model = _compress(_lenet300(), (Step("int", IntConfig(bits=4)),), UNPROTECTED, (1, 1, 28, 28))
-    ratio = compression_ratio(model, baseline)
+    ratio = measure(model).ratio(measure(baseline).bytes)
     assert ratio == len(encode(baseline)) / len(encode(model))
     assert 6.0 < ratio < 8.0, ratio
 
 
 def test_breakdown_sums_to_the_artifact_size() -> None:
     model = _compress(_lenet300(), (Step("int", IntConfig(bits=4)),), LayerPolicy(), (1, 1, 28, 28))
-    parts = size_breakdown(model)
+    size = measure(model)
+    parts = size.breakdown
     assert set(parts) == {"fc1", "fc2", "fc3", "(header)"}
-    assert sum(parts.values()) == model_bytes(model)
+    assert sum(parts.values()) == size.bytes == len(encode(model))
 
 
 def test_bitops_of_one_linear_layer() -> None:
@@ -69,13 +73,14 @@ def test_bitops_of_lenet300_count_every_layer_and_the_policy() -> None:
     shape = (1, 1, 28, 28)
     assert sum(layer_macs(_lenet300(), shape).values()) == LENET300_MACS
     assert bitops(_lenet300(), shape) == LENET300_MACS * 32 * 32
-    # Default policy: fc1 holds 88% of the weights, so it is not protected (max_share) and gets
-    # int4 weights, but with keep_first its input (the image) stays fp32; fc3 keeps int8 weights.
+    # Default policy: fc1 holds 88% of the weights, so it is not protected (max_share): int4
+    # weights and int8 inputs alike (one layer policy for weights and activations); fc3 is
+    # protected and keeps int8 weights.
     model = _compress(
         _lenet300(), (Step("int", IntConfig(bits=4)), Step("actquant", ActQuantConfig(format="int8"))),
         LayerPolicy(), shape,
     )
-    assert bitops(model, shape) == 784 * 300 * 4 * 32 + 300 * 100 * 4 * 8 + 100 * 10 * 8 * 8
+    assert bitops(model, shape) == 784 * 300 * 4 * 8 + 300 * 100 * 4 * 8 + 100 * 10 * 8 * 8
     assert bitops(model, (4, 1, 28, 28)) == bitops(model, shape)  # per example
 
 

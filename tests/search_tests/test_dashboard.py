@@ -20,6 +20,7 @@ import pytest
 from optuna.artifacts import upload_artifact
 from optuna.trial import TrialState, create_trial
 
+from objectives import record
 from storage.studies import open_artifact_store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,14 +65,13 @@ def study_storage(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, 
     src = root / "trial-0.pcz"
     src.write_bytes(payload)
     trial = study.ask()
-    trial.set_user_attr("plan", PLANS[0])
-    trial.set_user_attr("families", FAMILIES[0])
+    record.write(trial, plan=PLANS[0], families=FAMILIES[0])
     store = open_artifact_store("", str(root / "artifacts"))
-    trial.set_user_attr("artifact_id", upload_artifact(artifact_store=store, file_path=str(src), study_or_trial=trial))
+    record.write(trial, artifact_id=upload_artifact(artifact_store=store, file_path=str(src), study_or_trial=trial))
     study.tell(trial, VALUES[0])
     for plan, fam, values in zip(PLANS[1:], FAMILIES[1:], VALUES[1:], strict=True):
-        study.add_trial(create_trial(values=values, user_attrs={"plan": plan, "families": fam}))
-    study.add_trial(create_trial(state=TrialState.PRUNED, user_attrs={"plan": PLANS[0], "families": FAMILIES[0]}))
+        study.add_trial(create_trial(values=values, user_attrs={record.PLAN: plan, record.FAMILIES: fam}))
+    study.add_trial(create_trial(state=TrialState.PRUNED, user_attrs={record.PLAN: PLANS[0], record.FAMILIES: FAMILIES[0]}))
     return url, root, payload
 
 
@@ -130,8 +130,8 @@ def test_study_detail_has_plans_families_and_metric_names(server: str) -> None:
     assert [t["state"].lower() for t in trials] == ["complete", "complete", "complete", "pruned"]
     for t, plan, fam, values in zip(trials, PLANS, FAMILIES, VALUES, strict=False):
         attrs = {a["key"]: a["value"] for a in t["user_attrs"]}
-        assert attrs["families"] == fam
-        assert json.loads(attrs["plan"]) == plan  # the dashboard shows user attrs as JSON text
+        assert attrs[record.FAMILIES] == fam
+        assert json.loads(attrs[record.PLAN]) == plan  # the dashboard shows user attrs as JSON text
         assert t["values"] == values
     # All three complete trials are mutually non-dominated: the dashboard's Pareto front.
     assert sorted(t["number"] for t in detail["best_trials"]) == [0, 1, 2]
@@ -141,7 +141,7 @@ def test_serves_a_trial_artifact_from_the_store(server: str, study_storage: tupl
     url, _, payload = study_storage
     study = optuna.load_study(study_name=STUDY, storage=url)
     trial = study.trials[0]
-    artifact_id = trial.user_attrs["artifact_id"]
+    artifact_id = record.TrialRecord.from_trial(trial).artifact_id
     got = _get(f"{server}/artifacts/{_study_id(server)}/{trial._trial_id}/{artifact_id}")
     assert got == payload
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 from optuna.trial import TrialState, create_trial
 
-from models.errors import UserError
 from models.train import EpochRecord
-from objectives.objective import Objective, is_exportable
+from objectives import record
+from objectives.objective import CurveRecorder, Objective, is_exportable
 from objectives.pipeline import Workbench
+from search import run as run_cli
 from search.early_stopping import ParetoStopper, StopHook, StopRule, gains_after, headroom
 from search.progress import front_trials, study_stats
 from search.studies import StudyConfig
@@ -42,7 +43,7 @@ def test_gains_run_to_the_recorded_value() -> None:
 
 def _finished(acc: float, ratio: float, family: str = "int", curve: list[float] | None = None,
               state: TrialState = TrialState.COMPLETE, **attrs: object) -> optuna.trial.FrozenTrial:
-    user_attrs: dict[str, object] = {"families": family, "curve": curve or CURVE, "constraints": [0.0], **attrs}
+    user_attrs: dict[str, object] = {record.FAMILIES: family, record.CURVE: curve or CURVE, record.CONSTRAINTS: [0.0], **attrs}
     return create_trial(state=state, values=[acc, ratio] if state == TrialState.COMPLETE else None,
                         user_attrs=user_attrs)
 
@@ -59,7 +60,7 @@ def _hook(study: optuna.Study, family: str = "int", ratio: float = 4.0, margin: 
     return StopHook(StopRule(min_curves=MIN, window=0.1, quantile=1.0, margin=margin), study.ask(), family, ratio)
 
 
-def _epoch(hook: StopHook, epoch: int, acc: float) -> bool:
+def _epoch(hook: StopHook | CurveRecorder, epoch: int, acc: float) -> bool:
     return hook.on_epoch_end(None, EpochRecord(epoch=epoch, train_loss=0.0, val_accuracy=acc, seconds=0.0))  # type: ignore[arg-type]
 
 
@@ -118,7 +119,7 @@ def test_an_infeasible_dominating_trial_does_not_stop() -> None:
 def test_pruned_and_partial_trials_are_not_references() -> None:
     partial = [
         _finished(0.99, 8.0, state=TrialState.PRUNED),
-        _finished(0.99, 8.0, stopped_at_epoch=1),  # COMPLETE with partial values (stopped_as="complete")
+        _finished(0.99, 8.0, stopped_at_epoch=1),  # COMPLETE with partial values (a study made with --stopped-as)
     ]
     assert not _epoch(_hook(_study(*partial, *_curves(MIN))), 1, 0.80)
     # A full-budget trial is a reference (its one-epoch curve is no evidence near 0.80).
@@ -133,11 +134,11 @@ def test_partial_curves_do_not_count_towards_headroom() -> None:
 
 def test_curve_is_recorded_each_epoch() -> None:
     study = _study()
-    hook = _hook(study)
+    recorder = CurveRecorder(study.ask())
     for epoch, acc in enumerate([0.3, 0.5, 0.6], start=1):
-        assert not _epoch(hook, epoch, acc)
+        assert not _epoch(recorder, epoch, acc)  # type: ignore[arg-type]
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))[0]
-        assert running.user_attrs["curve"] == [0.3, 0.5, 0.6][:epoch]
+        assert record.TrialRecord.from_trial(running).curve == [0.3, 0.5, 0.6][:epoch]
 
 
 def test_stopper_makes_no_hook_for_a_single_epoch() -> None:
@@ -170,30 +171,31 @@ def _bench(digits_baseline) -> Workbench:  # noqa: ANN001 (conftest fixture type
     return Workbench(d.preset, d.data, d.fresh(), d.record, len(encode(d.model)), torch.device("cpu"), 0)
 
 
-@pytest.mark.parametrize("stopped_as", ["pruned", "complete"])
-def test_a_stopped_trial_is_recorded_as_configured(stopped_as: str, digits_baseline, tmp_path) -> None:
+def test_a_stopped_trial_is_pruned_and_keeps_its_last_values(digits_baseline, tmp_path) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     objective = Objective(
         _bench(digits_baseline), get_study_space("quantization"), stopper=_stop_after_first_epoch,
-        artifact_store=open_artifact_store("", str(tmp_path / "artifacts")), stopped_as=stopped_as,
+        artifact_store=open_artifact_store("", str(tmp_path / "artifacts")),
     )
     study = optuna.create_study(directions=["maximize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=0))
     study.optimize(objective, n_trials=1)
     t = study.trials[0]
-    assert t.user_attrs["stopped_at_epoch"] == 1 and t.user_attrs["curve"] and len(t.user_attrs["curve"]) == 1
-    assert "artifact_id" not in t.user_attrs  # never exported, so no artifact
-    if stopped_as == "pruned":
-        assert t.state == TrialState.PRUNED and t.values is None
-    else:
-        assert t.state == TrialState.COMPLETE and len(t.values) == 2
-        assert t.values[1] == pytest.approx(objective.bench.baseline_bytes / t.user_attrs["bytes"])
+    assert t.state == TrialState.PRUNED and t.values is None
+    r = record.TrialRecord.from_trial(t)
+    assert r.stopped_at_epoch == 1 and r.epochs == 1 and len(r.curve) == 1
+    assert r.artifact_id is None  # never exported, so no artifact
+    assert r.stopped_values is not None and set(r.stopped_values) == {"val_accuracy", "compression_ratio"}
+    assert r.stopped_values["compression_ratio"] == pytest.approx(objective.bench.baseline_bytes / r.bytes)
+    assert 0.0 <= r.stopped_values["val_accuracy"] <= 1.0
     assert not is_exportable(t) and front_trials(study.trials) == []
     stats = study_stats(study, digits_baseline.record.val_accuracy)
     assert (stats.done, stats.stopped, stats.front, stats.hypervolume) == (1, 1, 0, 0.0)
 
 
-def test_stopped_as_is_validated() -> None:
-    with pytest.raises(UserError, match="stopped_as 'partial' is not valid"):
-        StudyConfig(stopped_as="partial")
-    assert StudyConfig.from_dict({"space": "all"}).stopped_as == "pruned"  # studies created before the option
-    assert StudyConfig(stopped_as="complete").to_dict()["stopped_as"] == "complete"
+def test_stopped_as_is_gone(capsys: pytest.CaptureFixture[str]) -> None:
+    # Studies created with the removed option still load (the key is ignored) and resume.
+    assert StudyConfig.from_dict({"space": "all", "stopped_as": "complete"}) == StudyConfig()
+    assert "stopped_as" not in StudyConfig().to_dict()
+    with pytest.raises(SystemExit) as exc:
+        run_cli.build_parser().parse_args(["--stopped-as", "complete"])
+    assert exc.value.code == 2 and "--stopped-as" in capsys.readouterr().err

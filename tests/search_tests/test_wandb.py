@@ -12,6 +12,7 @@ from optuna.trial import TrialState, create_trial
 
 wandb = pytest.importorskip("wandb", reason="wandb is not installed (pip install 'pareto-compress[wandb]')")
 
+from objectives import record  # noqa: E402
 from search.wandb_log import WandbLogger  # noqa: E402
 
 PLAN = {"version": 1, "steps": [{"technique": "int", "config": {"bits": 4}}], "policy": {}, "finetune": {}}
@@ -28,8 +29,9 @@ def test_offline_run_logs_a_trial_and_finishes(tmp_path: Path, monkeypatch: pyte
 
     study = optuna.create_study(study_name="wandb-test", directions=["maximize", "maximize"])
     study.set_metric_names(["val_accuracy", "compression_ratio"])
-    study.add_trial(create_trial(values=[0.93, 7.5], user_attrs={"plan": PLAN, "families": "int", "bytes": 1234}))
-    study.add_trial(create_trial(state=TrialState.PRUNED, user_attrs={"plan": PLAN, "families": "int"}))
+    study.add_trial(create_trial(values=[0.93, 7.5], user_attrs={record.PLAN: PLAN, record.FAMILIES: "int", record.BYTES: 1234}))
+    stopped = {record.STOPPED_AT_EPOCH: 1, record.STOPPED_VALUES: {"val_accuracy": 0.5, "compression_ratio": 9.0}}
+    study.add_trial(create_trial(state=TrialState.PRUNED, user_attrs={record.PLAN: PLAN, record.FAMILIES: "int", **stopped}))
 
     logger = WandbLogger("wandb-test", {"space": "quantization", "preset": "digits"}, project="pareto-compress-test")
     try:
@@ -49,6 +51,7 @@ def test_offline_run_logs_a_trial_and_finishes(tmp_path: Path, monkeypatch: pyte
     assert summary["compression_ratio"] == pytest.approx(7.5)
     assert json.loads(summary["plan"]) == PLAN
     assert summary["families"] == "int"
+    assert summary["stopped_at_epoch"] == 1 and summary["stopped_val_accuracy"] == pytest.approx(0.5)
     # Finished: no active run remains and the finished run refuses more rows.
     assert wandb.run is None
     with pytest.raises(wandb.errors.UsageError):

@@ -13,7 +13,7 @@ from models.registry import create_model
 from spaces.binary import BinaryConfig, BinaryRepr, ClipShadowWeights, sign_ste
 from spaces.intk import IntRepr
 from spaces.layers import CLinear
-from spaces.plan import Plan, Step, apply_plan, finalize_plan
+from spaces.plan import Plan, Step, apply_plan
 from spaces.prune import PruneConfig
 from spaces.registry import ApplyContext
 from storage.codec import decode, encode, encode_with_report
@@ -23,8 +23,8 @@ def _binary_model(config: BinaryConfig, *before: Step) -> nn.Module:
     torch.manual_seed(0)
     model = create_model("lenet300").eval()
     plan = Plan((*before, Step("binary", config)))
-    apply_plan(model, plan, ApplyContext())
-    finalize_plan(model, plan)
+    applied = apply_plan(model, plan, ApplyContext())
+    applied.finalize()
     return model.eval()
 
 
@@ -93,7 +93,8 @@ def test_training_alpha_follows_the_weights_and_the_hook_clips_them() -> None:
     torch.manual_seed(0)
     model = create_model("lenet300")
     plan = Plan((Step("binary", BinaryConfig()),))
-    hooks = apply_plan(model, plan, ApplyContext())
+    applied = apply_plan(model, plan, ApplyContext())
+    hooks = applied.hooks
     assert any(isinstance(h, ClipShadowWeights) for h in hooks)
     layer, rep = model.fc2, model.fc2.weight_repr
     assert isinstance(rep, BinaryRepr)

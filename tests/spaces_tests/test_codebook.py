@@ -23,7 +23,7 @@ from spaces.codebook import (
     layer_codebook,
 )
 from spaces.layers import CLinear, compress_layer
-from spaces.plan import Plan, Step, apply_plan, finalize_plan
+from spaces.plan import Plan, Step, apply_plan
 from spaces.policy import LayerPolicy
 from spaces.registry import ApplyContext, get_technique, list_techniques
 from storage.codec import decode, encode
@@ -68,7 +68,7 @@ def test_codebook_round_trips_through_codec_and_snaps() -> None:
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         before = model(x)
-        Codebook().finalize(model, CodebookConfig(clusters=8))
+        Codebook().finalize(model, CodebookConfig(clusters=8), None)
         assert torch.equal(model.fc2.weight, model.fc2.weight_repr.centroids[model.fc2.weight_repr.indices])
         decoded = decode(encode(model))
         assert torch.equal(decoded.fc2.weight_repr.indices, model.fc2.weight_repr.indices)
@@ -96,7 +96,8 @@ def test_centroids_train_and_indices_stay_fixed(digits_baseline) -> None:
     base = digits_baseline
     model = base.fresh()
     plan = Plan((Step("codebook", CodebookConfig(clusters=16)),))
-    hooks = apply_plan(model, plan)
+    applied = apply_plan(model, plan)
+    hooks = applied.hooks
     layers = _codebook_layers(model)
     indices = [m.weight_repr.indices.clone() for _, m in layers]
     centroids = [m.weight_repr.centroids.detach().clone() for _, m in layers]
@@ -105,7 +106,7 @@ def test_centroids_train_and_indices_stay_fixed(digits_baseline) -> None:
         assert torch.equal(m.weight_repr.indices, idx), name
         assert not torch.equal(m.weight_repr.centroids.detach(), c), name
         assert torch.isfinite(m.weight_repr.centroids).all()
-    finalize_plan(model, plan)
+    applied.finalize()
     for _, m in layers:
         assert m.weight.unique().numel() <= 16
 
@@ -143,11 +144,11 @@ def test_pruned_layers_cluster_only_their_kept_weights() -> None:
     torch.manual_seed(0)
     model = create_model("lenet300").eval()
     plan = Plan((Step("prune", prune.config_from_dict({"sparsity": 0.8})), Step("codebook", CodebookConfig(clusters=8))))
-    apply_plan(model, plan, UNPROTECTED)
+    applied = apply_plan(model, plan, UNPROTECTED)
     layers = [(n, m) for n, m in _codebook_layers(model) if m.mask is not None]
     assert len(layers) == 3
     smallest_kept = {n: m.weight.detach()[m.mask].abs().min() for n, m in layers}
-    finalize_plan(model, plan)
+    applied.finalize()
     for name, m in layers:
         kept = m.effective_weight().detach()[m.mask]
         assert kept.unique().numel() == 8, name

@@ -10,7 +10,7 @@ from models.errors import UserError
 from models.registry import create_model
 from spaces.floats import FloatConfig, FloatRepr
 from spaces.layers import CLinear
-from spaces.plan import Plan, Step, apply_plan, finalize_plan
+from spaces.plan import Plan, Step, apply_plan
 from spaces.registry import ApplyContext
 from storage.codec import decode, encode, encode_with_report
 
@@ -21,8 +21,8 @@ def _float_model(fmt: str) -> nn.Module:
     torch.manual_seed(0)
     model = create_model("lenet300").eval()
     plan = Plan((Step("float", FloatConfig(fmt)),))
-    apply_plan(model, plan, ApplyContext())
-    finalize_plan(model, plan)
+    applied = apply_plan(model, plan, ApplyContext())
+    applied.finalize()
     return model.eval()
 
 

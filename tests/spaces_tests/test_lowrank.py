@@ -18,7 +18,7 @@ from spaces.lowrank import (
     rank_for,
     singular_values,
 )
-from spaces.plan import Plan, Step, apply_plan, finalize_plan
+from spaces.plan import Plan, Step, apply_plan
 from spaces.policy import LayerPolicy
 from spaces.registry import ApplyContext, get_technique
 from storage.codec import decode, encode
@@ -123,8 +123,8 @@ def test_codec_round_trip_with_a_later_int_step() -> None:
     torch.manual_seed(0)
     model = create_model("digits_cnn").eval()
     plan = Plan((Step("lowrank", LowRankConfig(rank_ratio=0.5)), Step("int", IntConfig(bits=4))))
-    apply_plan(model, plan, ApplyContext())
-    finalize_plan(model, plan)
+    applied = apply_plan(model, plan, ApplyContext())
+    applied.finalize()
     model.eval()
     assert isinstance(model.conv2, LowRankConv2d) and isinstance(model.conv2.first, CConv2d)
     assert isinstance(model.fc1.second, CLinear) and isinstance(model.fc1.second.weight_repr, IntRepr)

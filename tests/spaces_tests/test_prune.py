@@ -11,7 +11,7 @@ from models.errors import UserError
 from models.registry import create_model
 from models.train import train
 from spaces.layers import CConv2d, CLinear
-from spaces.plan import Plan, Step, apply_plan, finalize_plan
+from spaces.plan import Plan, Step, apply_plan
 from spaces.policy import LayerPolicy
 from spaces.prune import (
     PruneConfig,
@@ -82,7 +82,8 @@ def test_pruned_weights_stay_zero_while_training(digits_baseline) -> None:
     base = digits_baseline
     model = base.fresh()
     config = PruneConfig(sparsity=0.8)
-    hooks = apply_plan(model, Plan((Step("prune", config),)), ApplyContext())
+    applied = apply_plan(model, Plan((Step("prune", config),)), ApplyContext())
+    hooks = applied.hooks
     before = {id(m): m.mask.clone() for m in masked_layers(model)}
     train(model, base.data, base.preset.finetune.replace(epochs=1), device=torch.device("cpu"), hooks=hooks)
     layers = masked_layers(model)
@@ -133,7 +134,7 @@ def test_gradual_hook_prunes_on_schedule() -> None:
 def test_finalize_reaches_target_without_finetune() -> None:
     config = PruneConfig(sparsity=0.7, scope="layer", schedule="gradual")
     model = _pruned("lenet300", config)
-    PRUNE.finalize(model, config)
+    PRUNE.finalize(model, config, None)
     for m in masked_layers(model):
         assert _pruned_count(m) == round(0.7 * m.weight.numel())
 
@@ -158,8 +159,8 @@ def test_mask_survives_a_later_weight_representation() -> None:
     plan = Plan((Step("prune", PruneConfig(sparsity=0.8)), Step("int", get_technique("int").moderate())))
     torch.manual_seed(0)
     model = create_model("lenet300").eval()
-    apply_plan(model, plan, ApplyContext())
-    finalize_plan(model, plan)
+    applied = apply_plan(model, plan, ApplyContext())
+    applied.finalize()
     layers = masked_layers(model)
     assert layers and all((m.effective_weight()[~m.mask] == 0).all() for m in layers)
     decoded = decode(encode(model))

@@ -11,7 +11,7 @@ from models.errors import UserError
 from models.registry import create_model, get_model_info
 from spaces.intk import IntConfig
 from spaces.layers import compress_layer, prunable_layers, replace_module
-from spaces.plan import Plan, Step, apply_plan, finalize_plan
+from spaces.plan import Plan, Step, apply_plan
 from spaces.policy import LayerPolicy
 from spaces.prune import PruneConfig
 from spaces.registry import ApplyContext, get_technique
@@ -250,8 +250,8 @@ def test_composes_with_prune_and_int() -> None:
     ]:
         model = create_model("resnet_mini").eval()
         plan = Plan(steps)
-        apply_plan(model, plan)
-        finalize_plan(model, plan)
+        applied = apply_plan(model, plan)
+        applied.finalize()
         data = encode(model)
         sizes[len(steps)] = len(data)
         with torch.no_grad():

@@ -13,7 +13,7 @@ from torch import nn
 from models.errors import UserError
 from models.registry import create_model
 from spaces.codebook import CodebookRepr
-from spaces.plan import Plan, Step, apply_plan
+from spaces.plan import AppliedPlan, Plan, Step, apply_plan
 from spaces.registry import ApplyContext
 from spaces.sws import (
     SHARE,
@@ -85,17 +85,16 @@ def test_chunked_loss_and_gradients_match_the_unchunked_ones(masked: bool) -> No
         assert (ref_gw[~mask] == 0).all()
 
 
-def _applied(config: SWSConfig, model_name: str = "lenet300") -> tuple[nn.Module, list]:
+def _applied(config: SWSConfig, model_name: str = "lenet300") -> tuple[nn.Module, AppliedPlan]:
     torch.manual_seed(0)
     model = create_model(model_name)
-    hooks = apply_plan(model, Plan((Step("sws", config),)), ApplyContext())
-    return model, hooks
+    return model, apply_plan(model, Plan((Step("sws", config),)), ApplyContext())
 
 
 def test_hook_param_groups_have_their_own_learning_rates_and_the_prior_is_not_in_the_model() -> None:
     config = SWSConfig(components=8, lr_means=1e-4, lr_logvar=2e-3, lr_mixing=7e-3)
-    model, hooks = _applied(config)
-    (hook,) = hooks
+    model, applied = _applied(config)
+    (hook,) = applied.hooks
     assert isinstance(hook, SWSHook)
     groups = hook.param_groups(model)
     assert [g["lr"] for g in groups] == [1e-4, 2e-3, 7e-3]
@@ -111,7 +110,8 @@ def test_hook_param_groups_have_their_own_learning_rates_and_the_prior_is_not_in
 
 
 def test_complexity_weight_warms_up_linearly() -> None:
-    model, (hook,) = _applied(SWSConfig(components=4, tau=2.0, warmup=0.5))
+    model, applied = _applied(SWSConfig(components=4, tau=2.0, warmup=0.5))
+    (hook,) = applied.hooks
     assert hook.tau(0, 100) == pytest.approx(2.0 / 50)
     assert hook.tau(24, 100) == pytest.approx(1.0)
     assert hook.tau(49, 100) == hook.tau(99, 100) == 2.0
@@ -152,9 +152,9 @@ def test_snap_takes_the_more_likely_of_the_two_bracketing_components() -> None:
 
 def test_finalize_gives_sparse_weights_and_a_global_codebook_of_nonzero_means() -> None:
     config = SWSConfig(components=8, pi_zero=0.9)
-    model, _ = _applied(config)
+    model, applied = _applied(config)
     x = torch.randn(4, 1, 28, 28)
-    SoftWeightSharing().finalize(model, config)
+    SoftWeightSharing().finalize(model, config, applied.states[0])
     reprs = {n: m.weight_repr for n, m in model.named_modules() if getattr(m, "weight_repr", None) is not None}
     assert reprs["fc3"].kind == "int"  # protected (the classifier)
     shared = [r for r in reprs.values() if isinstance(r, CodebookRepr)]
@@ -181,10 +181,10 @@ def test_finalize_gives_sparse_weights_and_a_global_codebook_of_nonzero_means() 
 
 def test_finalize_keeps_an_earlier_mask() -> None:
     config = SWSConfig(components=8)
-    model, _ = _applied(config)
+    model, applied = _applied(config)
     mask = torch.rand(model.fc2.weight.shape, generator=torch.Generator().manual_seed(0)) > 0.5
     model.fc2.set_mask(mask)
-    SoftWeightSharing().finalize(model, config)
+    SoftWeightSharing().finalize(model, config, applied.states[0])
     assert not (model.fc2.mask & ~mask).any()
     assert model.fc2.mask.sum() < mask.sum()
 
@@ -193,7 +193,7 @@ def test_short_training_pulls_weights_towards_the_prior() -> None:
     config = SWSConfig(components=8, tau=5.0, warmup=0.0, lr_means=1e-3)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
-    (hook,) = apply_plan(model, Plan((Step("sws", config),)), ApplyContext())
+    (hook,) = apply_plan(model, Plan((Step("sws", config),)), ApplyContext()).hooks
     opt = torch.optim.SGD([{"params": list(model.parameters()), "lr": 0.05}, *hook.param_groups(model)], lr=0.05)
     first = None
     for step in range(10):

@@ -1,7 +1,7 @@
 """The shared technique suite: every registered technique must pass it.
 
-Adding a technique means adding one module to ``spaces/`` (listed in ``spaces/techniques.py``);
-this file picks it up through the registry.
+Adding a technique means adding one module to ``spaces/`` that registers itself; discovery
+finds it and this file picks it up through the registry.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 from models.errors import UnknownNameError
 from models.registry import create_model, get_model_info
 from models.train import evaluate_split, train
-from spaces.plan import Plan, Step, apply_plan, finalize_plan
+from spaces.plan import Plan, Step, apply_plan
 from spaces.registry import ApplyContext, get_technique, list_techniques
 from storage.codec import decode, encode
 
@@ -38,8 +38,8 @@ def _compressed(model_name: str, technique: str, config: object, seed: int = 0) 
     torch.manual_seed(seed)
     model = create_model(model_name).eval()
     plan = Plan((Step(technique, config),))  # type: ignore[arg-type]
-    apply_plan(model, plan, _ctx(model_name))
-    finalize_plan(model, plan)
+    applied = apply_plan(model, plan, _ctx(model_name))
+    applied.finalize()
     return model.eval()
 
 
@@ -113,12 +113,12 @@ def test_moderate_setting_keeps_accuracy_after_finetune(name: str, digits_baseli
     plan = Plan((Step(name, t.moderate()),))
     data = base.data
     calib = lambda: iter([data.x_train[i : i + 128].float() for i in range(0, 384, 128)])  # noqa: E731
-    hooks = apply_plan(model, plan, ApplyContext(calibration=lambda: (
+    applied = apply_plan(model, plan, ApplyContext(calibration=lambda: (
         (xb - 255 * torch.tensor(data.spec.mean).view(1, -1, 1, 1)) / (255 * torch.tensor(data.spec.std).view(1, -1, 1, 1))
         for xb in calib()
     )))
-    train(model, data, base.preset.finetune, device=torch.device("cpu"), hooks=hooks)
-    finalize_plan(model, plan)
+    train(model, data, base.preset.finetune, device=torch.device("cpu"), hooks=applied.hooks)
+    applied.finalize()
     baseline_acc = evaluate_split(base.model, data, "test")
     acc = evaluate_split(model, data, "test")
     assert acc >= baseline_acc - 0.02, f"{name} {t.moderate()}: {acc:.4f} vs baseline {baseline_acc:.4f}"

@@ -16,7 +16,7 @@ from torch import nn
 from models.errors import UserError
 from models.registry import create_model, get_model_info
 from spaces.intk import IntConfig
-from spaces.plan import Plan, Step, apply_plan, finalize_plan
+from spaces.plan import Plan, Step, apply_plan
 from spaces.policy import LayerPolicy
 from spaces.represent import compressed_layers
 from storage.codec import (
@@ -42,8 +42,8 @@ def _model(name: str) -> nn.Module:
 
 def _intk(model: nn.Module, bits: int, policy: LayerPolicy) -> nn.Module:
     plan = Plan((Step("int", IntConfig(bits=bits)),), policy=policy)
-    apply_plan(model, plan)
-    finalize_plan(model, plan)
+    applied = apply_plan(model, plan)
+    applied.finalize()
     return model.eval()
 
 
