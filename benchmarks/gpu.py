@@ -80,6 +80,7 @@ class Config:
     jobs: tuple[int, int]
     study_timeout: float  # seconds; a study still running then is stopped and counted as is
     transfer_trials: int  # part 3
+    threads: int | None = None  # torch intra-op threads here and in the study processes
 
 
 FULL = Config(
@@ -90,7 +91,7 @@ FULL = Config(
 TINY = Config(
     size=8, train_images=64, val_images=16, batch=16, timed_epochs=1, warmup_batches=1,
     workers=2, search_train=96, search_test=16, study="pruning", trials=2, jobs=(1, 2), study_timeout=120.0,
-    transfer_trials=2,
+    transfer_trials=2, threads=1,  # CI runners are small and shared: one thread per process
 )
 
 
@@ -146,7 +147,8 @@ def time_project(x: np.ndarray, y: np.ndarray, config: Config, device: torch.dev
     xv, yv = synthetic_cifar(config.val_images, config.size, seed=3)
     spec = DataSpec(3, config.size, CLASSES, MEAN, STD, augment=True)
     xt, yt, xvt, yvt = (torch.from_numpy(a) for a in (x, y, xv, yv))
-    data = Splits("synthetic-cifar", spec, xt, yt, xvt, yvt, xvt, yvt)
+    data = Splits(name="synthetic-cifar", spec=spec, x_train=xt, y_train=yt, x_val=xvt, y_val=yvt,
+                  x_test=xvt, y_test=yvt)
     recipe = TrainConfig(epochs=1, batch_size=config.batch, lr=0.05, schedule="constant")
     model = fresh_resnet18(device)
     train(model, data, recipe, device=device)  # warm-up: kernels, allocator, autocast caches
@@ -155,7 +157,7 @@ def time_project(x: np.ndarray, y: np.ndarray, config: Config, device: torch.dev
     result = train(model, data, recipe.replace(epochs=config.timed_epochs), device=device)
     synchronize(device)
     seconds = time.perf_counter() - start
-    per_epoch = len(x) // config.batch * config.batch
+    per_epoch = result.images / len(result.history)
     epoch_rates = sorted(per_epoch / r.seconds for r in result.history)
     steps = "bf16 autocast, channels-last" if device.type == "cuda" else "fp32 (CPU)"
     total = Figure(
@@ -322,14 +324,13 @@ def train_baseline(npz: Path, store: Path, device: torch.device) -> float:
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     """Stop ``proc`` and the workers it started (its own process group), TERM then KILL."""
-    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 15.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(15.0)
+    with contextlib.suppress(ProcessLookupError):  # workers that outlived it, or it itself
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def run_study(jobs: int, npz: Path, work: Path, config: Config, device: torch.device) -> dict[str, Any]:
@@ -347,6 +348,8 @@ def run_study(jobs: int, npz: Path, work: Path, config: Config, device: torch.de
         cmd += ["--device", str(device)]  # every worker on this one GPU (not round-robin)
     log_path = work / f"jobs{jobs}.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    if config.threads:
+        env["OMP_NUM_THREADS"] = str(config.threads)  # search.run's workers take cores // jobs
     start = time.perf_counter()
     with log_path.open("wb") as log_file:
         # Its own session, so that a study past its time can be stopped with all its workers.
@@ -472,6 +475,8 @@ def bench_transfers(config: Config, work: Path, npz: Path, device: torch.device,
     setup, first, later = deltas[0], deltas[1], deltas[2:]
     extra["per_trial"] = [{"copies": c, "bytes": b} for c, b in deltas[1:]]
     scope = f"models.loader.transfer_stats() deltas in this process, device {device}"
+    if device.type == "cpu":
+        scope += " (on a CPU place() aliases host memory: no bytes move, but they are counted)"
     figures["h2d_bytes_workbench_load"] = Figure(setup[1], "bytes", f"{scope}: Workbench.load (data, cached baseline)")
     figures["h2d_copies_workbench_load"] = Figure(setup[0], "copies", f"{scope}: Workbench.load")
     figures["h2d_bytes_first_trial"] = Figure(first[1], "bytes", f"{scope}: the first trial (plan, fine-tune, evaluation)")
@@ -530,6 +535,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None, help="torchvision DataLoader num_workers (default 8; tiny 2)")
     p.add_argument("--study-timeout", type=float, default=None,
                    help="seconds a study may run before it is stopped and counted as is (default 140)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads of this process and the study processes (default: torch's; tiny 1)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: training, search, transfers")
     return p.parse_args(argv)
 
@@ -542,8 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tiny and not cuda:
         raise UserError("no CUDA device: use --tiny (the full configuration is sized for one GPU)")
     config = TINY if args.tiny else FULL
-    changes = {k: v for k, v in (("trials", args.trials), ("workers", args.workers), ("study", args.study),
-                                 ("study_timeout", args.study_timeout)) if v is not None}
+    options = {"trials": args.trials, "workers": args.workers, "study": args.study, "threads": args.threads,
+               "study_timeout": args.study_timeout}
+    changes = {k: v for k, v in options.items() if v is not None}
     config = replace(config, **changes)
     if config.trials < 1 or config.workers < 0:
         raise UserError(f"--trials must be >= 1 and --workers >= 0, got {config.trials} and {config.workers}")
@@ -552,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise UserError(f"--skip {','.join(sorted(unknown))} is not a part; use training, search, transfers")
     device = torch.device("cuda:0" if cuda else "cpu")
+    if config.threads:
+        torch.set_num_threads(config.threads)
 
     def log(line: str) -> None:
         print(line, flush=True)
@@ -562,24 +572,32 @@ def main(argv: list[str] | None = None) -> int:
                               "machine": machine(device), "notes": []}
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
         work = Path(tmp)
+        npz = work / "synthetic-cifar.npz"
+        parts = report["part_seconds"] = {}
         if "training" not in skip:
+            mark = time.perf_counter()
             figures.update(bench_training(config, device, log))
+            parts["training"] = time.perf_counter() - mark
         if not {"search", "transfers"} <= skip:
-            npz = work / "synthetic-cifar.npz"
             write_npz(npz, config)
         if "search" not in skip:
+            mark = time.perf_counter()
             search_figures, report["search"] = bench_search(config, work, npz, device, log)
             figures.update(search_figures)
+            parts["search"] = time.perf_counter() - mark
         if "transfers" not in skip:
+            mark = time.perf_counter()
             transfer_figures, report["transfers"] = bench_transfers(config, work, npz, device, log)
             figures.update(transfer_figures)
+            parts["transfers"] = time.perf_counter() - mark
             if not report["transfers"]["available"]:
                 report["notes"].append("models.loader.transfer_stats() is not in this tree yet: no transfer figures")
     report["seconds"] = time.perf_counter() - started
     report["figures"] = {k: asdict(v) for k, v in figures.items()}
     print()
+    spent = ", ".join(f"{k} {v:.0f} s" for k, v in report["part_seconds"].items())
     print(f"{report['configuration']} configuration on {device}"
-          + (f" ({report['machine'].get('gpu')})" if cuda else "") + f", {report['seconds']:.0f} s")
+          + (f" ({report['machine'].get('gpu')})" if cuda else "") + f", {report['seconds']:.0f} s ({spent})")
     print("\n".join(format_table(figures)))
     for note in report["notes"]:
         print(f"note: {note}")

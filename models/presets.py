@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from models.errors import UnknownNameError
@@ -30,7 +30,6 @@ class Preset:
     finetune: TrainConfig
     val_fraction: float = 0.1
     description: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (recorded on the study)."""

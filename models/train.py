@@ -270,7 +270,10 @@ def evaluate(model: nn.Module, loader: DeviceLoader) -> float:
 def evaluate_split(
     model: nn.Module, data: Splits, split: str = "val", device: torch.device | None = None, batch_size: int = 1024
 ) -> float:
-    """Accuracy of ``model`` on ``data``'s ``"train"``, ``"val"`` or ``"test"`` split."""
+    """Accuracy of ``model`` on ``data``'s ``"train"``, ``"val"`` or ``"test"`` split.
+
+    Resident splits (``data.to(device)``) are evaluated in place; host splits are copied first.
+    """
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
     device = device or next(model.parameters()).device
@@ -281,7 +284,10 @@ def evaluate_split(
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, data: Splits, batches: int = 20, batch_size: int = 256) -> None:
-    """Re-estimate BatchNorm running statistics on training batches (after weights change)."""
+    """Re-estimate BatchNorm running statistics on training batches (after weights change).
+
+    Splits resident on the model's device are sliced in place (no copy).
+    """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return

@@ -142,11 +142,10 @@ class Objective:
         computed once, on the first trial)."""
         if self._context is None:
             b = self.bench
-            self._context = {
-                "preset": b.preset.name, "dataset": b.data.name, "baseline_seed": b.seed,
-                "baseline_key": b.record.key, "baseline_bytes": b.baseline_bytes,
-                "device": _device_name(b.device), "manifest": record.manifest(b.data),
-            }
+            self._context = dict(
+                preset=b.preset.name, dataset=b.data.name, baseline_seed=b.seed, baseline_key=b.record.key,
+                baseline_bytes=b.baseline_bytes, device=_device_name(b.device), manifest=record.manifest(b.data),
+            )
         return self._context
 
     def trial_seed(self, trial: optuna.Trial) -> int:

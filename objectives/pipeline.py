@@ -43,6 +43,11 @@ class Workbench:
     device: torch.device
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # Every trial slices the resident copy: a workbench built from host data moves it once,
+        # here, rather than once per loader.
+        self.data = self.data.to(self.device)
+
     @classmethod
     def load(
         cls,

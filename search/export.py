@@ -116,8 +116,8 @@ def export(study: optuna.Study, out: Path, *, data_dir: str, store_root: str, ma
     front = front_trials(study.get_trials(deepcopy=False))
     names = study.metric_names or ["val_accuracy", "compression_ratio"]
     # Trials of studies made before the record held these fields take them from the study.
-    defaults = {"preset": config.preset, "dataset": config.dataset, "baseline_seed": config.seed,
-                "baseline_bytes": baseline.get("bytes"), "baseline_key": baseline.get("key")}
+    defaults = dict(preset=config.preset, dataset=config.dataset, baseline_seed=config.seed,
+                    baseline_bytes=baseline.get("bytes"), baseline_key=baseline.get("key"))
     plans = []
     for t in front:
         record = TrialRecord.from_trial(t, names, defaults)

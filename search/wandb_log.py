@@ -8,6 +8,7 @@ from typing import Any
 import optuna
 
 from models.errors import UserError
+from objectives import record
 from objectives.record import TrialRecord
 
 
@@ -28,12 +29,12 @@ class WandbLogger:
         row: dict[str, Any] = {
             "trial": r.trial,
             "state": r.state,
-            "families": r.families or "",
-            "plan": json.dumps(r.plan or {}, sort_keys=True),
-            "bytes": r.bytes,
-            "epochs": r.epochs,
-            "stopped_at_epoch": r.stopped_at_epoch,
-            "wall_seconds": r.wall_seconds,
+            record.FAMILIES: r.families or "",
+            record.PLAN: json.dumps(r.plan or {}, sort_keys=True),
+            record.BYTES: r.bytes,
+            record.EPOCHS: r.epochs,
+            record.STOPPED_AT_EPOCH: r.stopped_at_epoch,
+            record.WALL_SECONDS: r.wall_seconds,
             **r.values,
             **{f"stopped_{k}": v for k, v in (r.stopped_values or {}).items()},
         }

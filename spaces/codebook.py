@@ -9,13 +9,25 @@ all weights sharing a centroid, which is exactly Deep Compression's centroid fin
 
 Pruned layers (a ``mask`` from the sparsity stage) cluster only their kept weights; the pruned
 positions cost only the codec's position stream. Layers the policy protects keep 8 bits: where
-the codebook has fewer bits they get per-channel int8 (:func:`spaces.represent.set_weight_repr`).
+the codebook has fewer bits they get per-channel int8 (:func:`spaces.represent.protect`).
+
+Deep Compression's order is prune and retrain, then quantize and retrain. When the sparsity stage
+keeps changing its masks during the fine-tune (gradual pruning sets
+``ApplyContext.masks_final_step``), a codebook fitted at ``apply`` would cluster weights that are
+pruned later (measured: 6 of LeNet-300 fc1's 16 centroids served a kept weight). The codebook
+then waits: the layers train in full precision (masked) until the masks are final, the
+:class:`CodebookHook` fits the codebooks to the kept weights at that step, and the centroids
+fine-tune for the rest. ``finalize`` fits what the fine-tune never reached and refits a layer
+whose mask changed after its fit. After every fit, entries that no kept weight uses are removed
+(a GMM's nearest-mean assignment, for one, can leave a mean without members), so each centroid
+the artifact stores serves at least one kept weight.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,11 +35,12 @@ import optuna
 import torch
 from torch import Tensor, nn
 
+from models.train import TrainHook
 from spaces.cluster1d import Clustering1D, dbscan_1d, gmm_1d, kmeans_1d
 from spaces.layers import CConv2d, CLinear, Stream, WeightRepr, register_component
 from spaces.policy import PROTECTED_BITS
 from spaces.registry import ApplyContext, Technique, TechniqueConfig, check, register_technique
-from spaces.represent import compressed_layers, set_weight_repr, snap_weights
+from spaces.represent import compressed_layers, protect, snap_weights
 
 METHODS = ("kmeans", "gmm", "dbscan")
 SCOPES = ("layer", "global")
@@ -179,15 +192,33 @@ def cluster_values(values: np.ndarray, config: CodebookConfig) -> Clustering1D:
       multimodal (separated modes), the k-means centroids are the DBSCAN cluster means. Fewer
       than two clusters (the usual case for dense layers at larger eps) fall back to k-means
       with ``config.clusters`` centroids.
+
+    Whatever the method, centroids that no value takes are removed (:func:`drop_unused`).
     """
     if values.size == 0:
         return Clustering1D(np.zeros(1), np.zeros(0, dtype=np.int64))
     if config.method == "kmeans":
-        return kmeans_1d(values, config.clusters)
-    if config.method == "gmm":
+        found = kmeans_1d(values, config.clusters)
+    elif config.method == "gmm":
         clustering, _ = gmm_1d(values, config.clusters)
-        return Clustering1D(clustering.centroids, nearest_sorted(values, clustering.centroids))
-    return _dbscan(values, config)
+        found = Clustering1D(clustering.centroids, nearest_sorted(values, clustering.centroids))
+    else:
+        found = _dbscan(values, config)
+    return drop_unused(found)
+
+
+def drop_unused(clustering: Clustering1D) -> Clustering1D:
+    """``clustering`` without the centroids no label refers to, the labels renumbered (the
+    ascending order is kept). Without any label the first centroid stays: a codebook needs an
+    entry even for a layer whose weights are all pruned."""
+    labels = np.asarray(clustering.labels, dtype=np.int64)
+    used = np.bincount(labels, minlength=clustering.k)[: clustering.k] > 0
+    if used.all():
+        return Clustering1D(clustering.centroids, labels)
+    if not used.any():
+        return Clustering1D(clustering.centroids[:1], labels)
+    remap = np.cumsum(used) - 1
+    return Clustering1D(clustering.centroids[used], remap[labels])
 
 
 def _dbscan(values: np.ndarray, config: CodebookConfig) -> Clustering1D:
@@ -208,22 +239,37 @@ def _indices_for(layer: CConv2d | CLinear, labels: np.ndarray) -> Tensor:
     return idx.reshape(layer.weight.shape).to(layer.weight.device)
 
 
-def layer_codebook(layer: CConv2d | CLinear, config: CodebookConfig) -> CodebookRepr:
-    """A per-layer codebook fitted to the layer's kept weights."""
+def _centroids(values: np.ndarray, into: nn.Parameter | None, device: torch.device) -> nn.Parameter:
+    """``values`` as an fp32 Parameter on ``device``: ``into`` itself when given (its data
+    replaced, so that an optimizer holding it trains the new values), else a fresh one."""
+    t = torch.from_numpy(values).float().to(device)
+    if into is None:
+        return nn.Parameter(t)
+    into.data = t  # the entry count may differ from the placeholder's
+    into.grad = None  # a gradient of the old entries would not fit
+    return into
+
+
+def layer_codebook(layer: CConv2d | CLinear, config: CodebookConfig,
+                   centroids: nn.Parameter | None = None) -> CodebookRepr:
+    """A per-layer codebook fitted to the layer's kept weights; ``centroids``, if given, is the
+    Parameter that receives the fitted values and that the codebook holds."""
     c = cluster_values(kept_values(layer), config)
-    return CodebookRepr.build(torch.from_numpy(c.centroids).float(), _indices_for(layer, c.labels),
-                              counts=member_counts(c.labels, c.k))
+    return CodebookRepr.build(_centroids(c.centroids, centroids, layer.weight.device),
+                              _indices_for(layer, c.labels), counts=member_counts(c.labels, c.k))
 
 
 def global_codebooks(layers: list[tuple[str, CConv2d | CLinear]], config: CodebookConfig,
-                     share: str = GLOBAL_SHARE) -> dict[str, CodebookRepr]:
+                     share: str = GLOBAL_SHARE,
+                     centroids: nn.Parameter | None = None) -> dict[str, CodebookRepr]:
     """One codebook fitted to the kept weights of all ``layers`` together, shared by all of them
-    (one Parameter object; the codec stores it once under ``share``)."""
+    (one Parameter object, ``centroids`` if given; the codec stores it once under ``share``).
+    Entries are counted over all the layers: an entry is kept if any layer's kept weight uses it."""
     parts = [kept_values(layer) for _, layer in layers]
     if not parts:
         return {}
     c = cluster_values(np.concatenate(parts), config)
-    centroids = nn.Parameter(torch.from_numpy(c.centroids).float())
+    centroids = _centroids(c.centroids, centroids, layers[0][1].weight.device)
     counts = member_counts(c.labels, c.k)
     out, start = {}, 0
     for (path, layer), part in zip(layers, parts, strict=True):
@@ -264,8 +310,85 @@ class CodebookConfig(TechniqueConfig):
         check(0 < self.dbscan_eps <= 10, f"codebook.dbscan_eps must be in (0, 10] (a fraction of the weight std), got {self.dbscan_eps}")
 
 
+@dataclass
+class CodebookState:
+    """What ``apply`` returns for the hook and ``finalize`` of one model.
+
+    Attributes:
+        groups: The layers (paths) sharing each codebook, by key: the layer's path (per-layer
+            scope) or :data:`GLOBAL_SHARE`. Protected layers are not among them.
+        centroids: Each codebook's centroid Parameter by key, made at ``apply``: a deferred fit
+            writes into it, so the optimizer that received it before the fit trains it after.
+        masks_final_step: ``ApplyContext.masks_final_step`` at ``apply``: the fine-tune's total
+            steps -> the step after which the hook fits the codebooks. None: fitted at ``apply``.
+        fitted: The mask each layer had at its codebook's fit (None: unmasked), by path; a layer
+            not in it has no codebook yet and trains in full precision.
+    """
+
+    groups: dict[str, tuple[str, ...]]
+    centroids: dict[str, nn.Parameter]
+    masks_final_step: Callable[[int], int] | None = None
+    fitted: dict[str, Tensor | None] = field(default_factory=dict)
+
+    def is_fitted(self, key: str) -> bool:
+        """Whether the codebook ``key`` is installed in its layers."""
+        return all(p in self.fitted for p in self.groups[key])
+
+    def mask_changed(self, model: nn.Module, key: str) -> bool:
+        """Whether a layer of the fitted codebook ``key`` has another mask than at its fit."""
+        for path in self.groups[key]:
+            now, then = model.get_submodule(path).mask, self.fitted[path]
+            if (now is None) != (then is None) or (now is not None and not torch.equal(now, then)):
+                return True
+        return False
+
+
+@torch.no_grad()
+def fit_codebook(model: nn.Module, config: CodebookConfig, state: CodebookState, key: str) -> None:
+    """Fit the codebook ``key`` to the kept weights of its layers and install it in them."""
+    paths = state.groups[key]
+    layers = [(p, model.get_submodule(p)) for p in paths]
+    if key == GLOBAL_SHARE:
+        reprs = global_codebooks(layers, config, centroids=state.centroids[key])
+    else:
+        reprs = {key: layer_codebook(layers[0][1], config, centroids=state.centroids[key])}
+    for path, layer in layers:
+        layer.weight_repr = reprs[path]
+        layer.weight_repr.to(layer.weight.device)
+        state.fitted[path] = None if layer.mask is None else layer.mask.detach().clone()
+
+
+class CodebookHook(TrainHook):
+    """Deferred fit: hands the not yet fitted centroid Parameters to the optimizer and fits the
+    codebooks once the masks are final (``state.masks_final_step``)."""
+
+    def __init__(self, config: CodebookConfig, state: CodebookState) -> None:
+        self.config, self.state = config, state
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """The centroids of codebooks not fitted yet (fitted ones are the model's parameters),
+        without weight decay like the model's other 1-D parameters."""
+        pending = []
+        for key, paths in self.state.groups.items():
+            if not self.state.is_fitted(key):
+                param = self.state.centroids[key]
+                param.data = param.data.to(model.get_submodule(paths[0]).weight.device)
+                pending.append(param)
+        return [{"params": pending, "weight_decay": 0.0}] if pending else []
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Fit the codebooks not fitted yet once ``step`` reaches the masks' final step (the
+        sparsity step's hook, earlier in the plan, has already updated the masks)."""
+        final = self.state.masks_final_step
+        if final is None or step + 1 < final(total_steps):
+            return
+        for key in self.state.groups:
+            if not self.state.is_fitted(key):
+                fit_codebook(model, self.config, self.state, key)
+
+
 @register_technique
-class Codebook(Technique[CodebookConfig, None]):
+class Codebook(Technique[CodebookConfig, CodebookState]):
     """Codebook quantization by 1-D k-means, GMM or DBSCAN, with centroid fine-tuning."""
 
     name = "codebook"
@@ -288,18 +411,47 @@ class Codebook(Technique[CodebookConfig, None]):
             eps = trial.suggest_float(f"{prefix}.dbscan_eps", 0.005, 1.0, log=True)
         return CodebookConfig(method=method, clusters=clusters, scope=scope, dbscan_eps=eps)
 
-    def apply(self, model: nn.Module, config: CodebookConfig, ctx: ApplyContext) -> None:
-        """Fit codebooks to the kept weights and install them (protected layers: int8 if k < 256)."""
-        bits = index_bits(config.clusters)
-        shared: dict[str, CodebookRepr] = {}
+    def apply(self, model: nn.Module, config: CodebookConfig, ctx: ApplyContext) -> CodebookState:
+        """Protect the layers the policy protects (int8 if k < 256) and fit codebooks to the
+        others' kept weights, now or, when an earlier step's masks keep changing
+        (``ctx.masks_final_step``), once they are final (:class:`CodebookHook`)."""
+        protected = ctx.policy.protected_paths(model) if index_bits(config.clusters) < PROTECTED_BITS else set()
+        paths = []
+        for path, layer in compressed_layers(model):
+            if path in protected:
+                protect(layer)
+            else:
+                paths.append(path)
+        groups = {p: (p,) for p in paths}
         if config.scope == "global":
-            protected = ctx.policy.protected_paths(model) if bits < PROTECTED_BITS else set()
-            layers = [(p, m) for p, m in compressed_layers(model) if p not in protected]
-            shared = global_codebooks(layers, config)
-        set_weight_repr(model, ctx, lambda path, layer: shared.get(path) or layer_codebook(layer, config), bits)
+            groups = {GLOBAL_SHARE: tuple(paths)} if paths else {}
+        centroids = {
+            key: nn.Parameter(torch.zeros(config.clusters, device=model.get_submodule(members[0]).weight.device))
+            for key, members in groups.items()
+        }
+        state = CodebookState(groups, centroids, ctx.masks_final_step)
+        if state.masks_final_step is None:
+            for key in groups:
+                fit_codebook(model, config, state, key)
+        return state
 
-    def finalize(self, model: nn.Module, config: CodebookConfig, state: None) -> None:
-        """Snap the shadow weights onto their centroids."""
+    def hooks(self, model: nn.Module, config: CodebookConfig, state: CodebookState) -> list[TrainHook]:
+        """One :class:`CodebookHook` when the fit waits for the masks; none otherwise."""
+        return [CodebookHook(config, state)] if state.masks_final_step is not None else []
+
+    def finalize(self, model: nn.Module, config: CodebookConfig, state: CodebookState) -> None:
+        """Fit the codebooks the fine-tune did not reach, refit those with a layer whose mask
+        changed after the fit (from the effective weights: the fine-tuned centroids), then snap
+        the shadow weights onto their centroids."""
+        for key in state.groups:
+            if not state.is_fitted(key):
+                fit_codebook(model, config, state, key)
+            elif state.mask_changed(model, key):
+                with torch.no_grad():
+                    for path in state.groups[key]:
+                        layer = model.get_submodule(path)
+                        layer.weight.copy_(layer.effective_weight())
+                fit_codebook(model, config, state, key)
         snap_weights(model)
 
     def settings(self) -> list[CodebookConfig]:

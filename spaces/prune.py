@@ -10,7 +10,9 @@ codec stores only the kept values plus their positions.
 ``schedule="oneshot"`` prunes at ``apply``; ``"gradual"`` installs all-ones masks at ``apply`` and
 raises the sparsity along the cubic schedule ``s_t = s_f * (1 - (1 - t / T_end)^3)`` during the
 fine-tune, reaching ``s_f`` after :data:`END_FRACTION` of the steps so the rest of the fine-tune
-recovers. ``finalize`` makes sure the final sparsity is reached exactly in both cases.
+recovers. ``finalize`` makes sure the final sparsity is reached exactly in both cases. A gradual
+``apply`` tells later steps when its masks are final (``ApplyContext.masks_final_step``, see
+:func:`masks_final_step`): a codebook waits for them to fit only the surviving weights.
 """
 
 from __future__ import annotations
@@ -147,6 +149,11 @@ def schedule_points(total_steps: int) -> tuple[int, int]:
     return end, max(1, end // UPDATES)
 
 
+def masks_final_step(total_steps: int) -> int:
+    """The step count after which the gradual schedule's masks are final (its ``end_step``)."""
+    return schedule_points(total_steps)[0]
+
+
 class PruneHook(TrainHook):
     """Keeps pruned weights at zero after every step and, for the gradual schedule, raises the
     sparsity of the masked layers along :func:`gradual_sparsity`."""
@@ -187,7 +194,8 @@ class Prune(Technique[PruneConfig, None]):
         )
 
     def apply(self, model: nn.Module, config: PruneConfig, ctx: ApplyContext) -> None:
-        """Mask the eligible layers: at the final sparsity (oneshot) or all-ones (gradual)."""
+        """Mask the eligible layers: at the final sparsity (oneshot) or all-ones (gradual, which
+        sets ``ctx.masks_final_step`` for the steps after it)."""
         layers = []
         for path, layer in ctx.policy.eligible(model):
             c = compress_layer(layer)
@@ -196,6 +204,8 @@ class Prune(Technique[PruneConfig, None]):
             layers.append(c)
         start = config.sparsity if config.schedule == "oneshot" else 0.0
         prune_to(layers, start, config.scope)
+        if config.schedule == "gradual":
+            ctx.masks_final_step = masks_final_step
 
     def hooks(self, model: nn.Module, config: PruneConfig, state: None) -> list[TrainHook]:
         """One :class:`PruneHook`."""

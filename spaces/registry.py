@@ -89,10 +89,15 @@ class ApplyContext:
         policy: Which layers are eligible and how protected layers are treated.
         calibration: Yields a few normalised input batches on the model's device (activation
             clipping, data-aware initialisation); None where no data is at hand.
+        masks_final_step: Set by an earlier step whose masks keep changing during the fine-tune
+            (gradual pruning): maps the fine-tune's total steps to the step after which the
+            masks are final, so that a later step (a codebook) can fit what survives. None:
+            the masks are final at ``apply``.
     """
 
     policy: LayerPolicy = field(default_factory=LayerPolicy)
     calibration: Callable[[], Iterator[Tensor]] | None = None
+    masks_final_step: Callable[[int], int] | None = None
 
 
 C = TypeVar("C", bound=TechniqueConfig)

@@ -67,11 +67,13 @@ SHARE = "sws.codebook"  # the codec's key of the one stored copy of the final co
 _LOG_2PI = math.log(2 * math.pi)
 _MIN_STD, _MAX_STD = 0.05, 1.0  # clamp of every component's std, in units of s
 _CHUNK_ENTRIES = 1 << 21  # (weights x components) entries evaluated at once (8 MB in fp32)
-# Nodes of the table the likelihood is read from (see _GridNLL). Their spacing is the weights'
-# range / 2047: on LeNet-300 (range about 15 s) 0.14 of the smallest std, which keeps the weights'
-# gradients within 0.3% of the exact ones (tests/spaces_tests/test_sws.py).
-_NODES = 2048
-_EXACT_PER_NODE = 4  # at most this many weights per node: the exact evaluation is as cheap
+# The table the likelihood is read from (see _GridNLL and _grid): nodes at most _SPACING of the
+# smallest component std apart (on LeNet-300, 2048 nodes over a range of about 15 s), _SUB cells
+# per node; on accelerators a fixed _DEVICE_NODES. Up to _EXACT_BELOW weights, the exact
+# evaluation is as cheap.
+_SPACING, _SUB = 0.15, 8
+_MIN_NODES, _MAX_NODES, _DEVICE_NODES = 256, 1 << 16, 1 << 14
+_EXACT_BELOW = 8192
 
 
 # ------------------------------------------------------------------------ mixture likelihood
@@ -136,93 +138,184 @@ class _MixtureNLL(torch.autograd.Function):
         return out_x, (g_mu * g).to(mu.dtype), (g_lv * g).to(logvar.dtype), (g_pi * g).to(logpi.dtype), None
 
 
-def _node_counts(idx: Tensor, nodes: int) -> Tensor:
-    """How many entries of ``idx`` (int32, in ``[0, nodes)``) fall on each node, as float32."""
-    if idx.device.type == "cpu":
-        return torch.bincount(idx, minlength=nodes).float()
+def _node_counts(cell: Tensor, cells: int, scatter: bool | None = None) -> Tensor:
+    """How many entries of ``cell`` (int32, in ``[0, cells)``) fall in each cell: by ``bincount``
+    (int64; the default on the CPU) or by a scatter-add (float32; the default elsewhere)."""
+    if not (cell.device.type != "cpu" if scatter is None else scatter):
+        return torch.bincount(cell, minlength=cells)
     # CUDA's bincount reads the largest index back to the host (a synchronisation); an atomic
-    # scatter-add does not. Float32 counts are exact up to 2**24 weights on one node.
-    ones = torch.ones((), dtype=torch.float32, device=idx.device).expand(idx.numel())
-    return torch.zeros(nodes, dtype=torch.float32, device=idx.device).index_add_(0, idx, ones)
+    # scatter-add does not. Float32 counts are exact up to 2**24 weights in one cell.
+    ones = torch.ones((), dtype=torch.float32, device=cell.device).expand(cell.numel())
+    return torch.zeros(cells, dtype=torch.float32, device=cell.device).index_add_(0, cell, ones)
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """``nodes`` points ``lo + g * step`` spanning the weights, each node's interval
+    ``+- step / 2`` tiled by ``sub`` cells; ``cells`` holds each weight's cell (int32, one tensor
+    per weight tensor), node g's cells being ``g * sub .. g * sub + sub - 1``. ``lo`` and ``step``
+    are floats on the host path, 0-d tensors on the device path."""
+
+    nodes: int
+    sub: int
+    lo: float | Tensor
+    step: float | Tensor
+    cells: tuple[Tensor, ...]
+
+
+def _grid(xs: tuple[Tensor, ...], logvar: Tensor, host: bool, sub: int = _SUB) -> _Grid | None:
+    """The table's nodes for the (non-empty, flat) weights ``xs`` and the components'
+    log-variances ``logvar`` (None for non-finite weights on the host path).
+
+    On the host path (the CPU, where reading the range back is free) the node count is the power
+    of two that spaces the nodes at most ``_SPACING`` of the smallest std apart (within
+    ``[_MIN_NODES, _MAX_NODES]``), and the map to cells is one pass. The device path reads
+    nothing back (a synchronisation) and uses ``_DEVICE_NODES``.
+    """
+    ranges = [torch.aminmax(x) for x in xs]
+    if host:
+        lo, hi = min(float(r[0]) for r in ranges), max(float(r[1]) for r in ranges)
+        if not math.isfinite(hi - lo):
+            return None
+        # The floor relative to the weights' magnitude keeps the rounding of x * inv within a
+        # fraction of a cell (the cells reach half a node beyond both ends).
+        span = max(hi - lo, 1e-3 * max(abs(lo), abs(hi)), 1e-30)
+        want = span / (_SPACING * math.exp(0.5 * float(logvar.min()))) + 1
+        nodes = _MAX_NODES if not want < _MAX_NODES else max(_MIN_NODES, 1 << math.ceil(math.log2(want)))
+        step = span / (nodes - 1)
+        inv = sub / step
+        offset = torch.tensor(sub / 2 - lo * inv)
+        return _Grid(nodes, sub, lo, step, tuple(torch.add(offset, x, alpha=inv).int() for x in xs))
+    lo = torch.stack([r[0] for r in ranges]).min()
+    hi = torch.stack([r[1] for r in ranges]).max()
+    nodes = _DEVICE_NODES
+    step = torch.maximum(hi - lo, 1e-3 * torch.maximum(lo.abs(), hi.abs())).clamp_min(1e-30) / (nodes - 1)
+    inv = sub / step
+    # Clamped: non-finite weights must not index outside the table (they cannot be seen here
+    # without a synchronisation).
+    cells = tuple(x.mul(inv).add_(sub / 2 - lo * inv).clamp_(0, nodes * sub - 1).int() for x in xs)
+    return _Grid(nodes, sub, lo, step, cells)
+
+
+_CACHE: dict[tuple[str, int, str], Tensor] = {}
+
+
+def _constant(name: str, n: int, device: torch.device) -> Tensor:
+    """Small constant tensors of the table, made once per device: ``arange`` (0 .. n-1),
+    ``centres`` (of n cells, from their node, in cell widths) and ``coefficients``."""
+    key = (name, n, str(device))
+    if key not in _CACHE:
+        values = {
+            "arange": lambda: torch.arange(n, dtype=torch.float32),
+            "centres": lambda: torch.arange(n, dtype=torch.float32) - (n - 1) / 2,
+            # The prior's gradients (log pi, mu, log var) from _GridNLL's rows weighted by -scale.
+            "coefficients": lambda: torch.tensor([[1.0], [1.0], [-0.5]]),
+        }
+        _CACHE[key] = values[name]().to(device)
+    return _CACHE[key]
 
 
 class _GridNLL(torch.autograd.Function):
-    """``scale * -sum_i log p(x_i)`` and its gradients, read from a table over the weights' range.
+    """``scale * -sum_i log p(x_i)`` over the flat weight tensors ``xs`` and its gradients, read
+    from a table over the weights' range.
 
     The per-weight negative log-likelihood ``f(x) = -log sum_j pi_j N(x | mu_j, var_j)`` is a
-    function of one variable, so it is evaluated exactly (all components) at ``nodes`` evenly
-    spaced points spanning ``[min x, max x]``, with its first two derivatives, and each weight is
-    assigned its nearest node ``c``. Then
+    function of one variable. It is evaluated exactly (all components), with its first two
+    derivatives, at evenly spaced nodes ``c_g`` spanning ``[min x, max x]`` (see :func:`_grid`),
+    and each weight falls in one of the ``sub`` cells tiling its nearest node's interval. Then
 
-    * the weight's gradient is the first-order Taylor expansion of ``f'`` about that node,
-      ``f'(c) + f''(c) (x - c)`` (error of order spacing^2 times the third derivative);
-    * the loss and the prior's gradients are sums over the nodes, each weighted by how many weights
-      it holds (the weights' first-order terms ``f'(c) (x - c)`` average out over a node).
+    * the weight's gradient is ``f'`` at its cell's centre, expanded to first order about the
+      node: ``f'(c_g) + f''(c_g) (centre - c_g)``, off by at most about ``f''`` times half a cell
+      width plus ``f'''`` times half a node spacing squared;
+    * the loss and the prior's gradients are sums over the nodes, each weighted by how many
+      weights it holds (the weights' first-order terms ``f'(c_g) (x - c_g)`` average out over a
+      node).
 
-    Per weight that is a min/max, an affine map, a histogram and two table look-ups, about 10
+    Per weight that is a min/max, an affine map, a histogram and one table look-up, about six
     passes over the weights instead of ~15 over (weights x components); nothing of size
-    (weights x components) is ever formed. Everything is computed in the forward (the backward
-    only returns it), with ``scale`` folded into the tables: multiplying the weights' gradient by
-    the loss weight afterwards would be one more full pass.
+    (weights x components) is formed. Everything is computed in the forward (the backward only
+    returns it), with ``scale`` folded into the table: multiplying the weights' gradient by the
+    loss weight afterwards would be one more full pass.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, mu: Tensor, logvar: Tensor, logpi: Tensor, nodes: int,
-                scale: float | Tensor) -> Tensor:
-        m, inv_var, const = _constants(mu, logvar, logpi)
-        x = x.detach().float()
-        lo, hi = torch.aminmax(x)
-        step = (hi - lo).clamp_min(1e-30) / (nodes - 1)
-        inv = 1.0 / step
-        # Node g is at lo + g * step; u = (x - lo) / step + 0.5 is >= 0, so int() (truncation)
-        # gives the nearest node.
-        idx = x.mul(inv).add_(0.5 - lo * inv).int()
-        counts = _node_counts(idx, nodes)
-        c = lo + step * torch.arange(nodes, dtype=torch.float32, device=x.device)
+    def forward(ctx: Any, mu: Tensor, logvar: Tensor, logpi: Tensor, scale: float | Tensor, *xs: Tensor) -> Tensor:
+        # Few kernels: on LeNet-300 each operation on the (k, G) table below costs about as much
+        # in dispatch as in arithmetic.
+        xs = tuple(x.detach().float() for x in xs)
+        mu, logvar = mu.detach().float(), logvar.detach().float()
+        inv_var = logvar.neg().exp()
+        const = torch.add(logpi.detach().float(), logvar, alpha=-0.5).sub_(0.5 * _LOG_2PI)
+        device = xs[0].device
+        host = device.type == "cpu"
+        grid = _grid(xs, logvar, host)
+        if grid is None:  # what the exact evaluation gives for non-finite weights, without a table
+            ctx.g_xs = tuple(torch.full_like(x, math.nan) for x in xs)
+            ctx.save_for_backward(torch.full((3, mu.numel()), math.nan))
+            return torch.tensor(math.nan)
+        nodes, sub = grid.nodes, grid.sub
+        counts = _node_counts(grid.cells[0], nodes * sub)
+        for cell in grid.cells[1:]:
+            counts += _node_counts(cell, nodes * sub)
+        # Weighted by -scale, the loss and the prior's gradients are single products.
+        counts = counts.view(nodes, sub).sum(1, dtype=torch.float32).mul_(-scale)
+        if host:
+            c = torch.linspace(grid.lo, grid.lo + (nodes - 1) * grid.step, nodes)
+        else:
+            c = _constant("arange", nodes, device) * grid.step + grid.lo
         # (k, G): the reductions over the components run along the contiguous nodes.
-        d = c - m[:, None]
+        d = c - mu[:, None]
         s = d * inv_var[:, None]  # (c - mu) / var
         lp = torch.addcmul(const[:, None], d, s, value=-0.5)  # log pi_j + log N(c | mu_j, var_j)
         top = lp.amax(0)
         # Clamped so that no responsibility (nor its products below) is a denormal float: they
         # are ~100x slower on x86, and a component e^-60 times less likely than another is nil.
-        e = torch.exp((lp - top).clamp_(min=-60.0))
+        e = (lp - top).clamp_(min=-60.0).exp_()
         z = e.sum(0)
-        r = e / z  # responsibilities
-        rs = r * s
-        rm = r - rs * d  # r (1 - (c - mu)^2 / var)
+        # Rows r, r s and r (1 - (c - mu)^2 / var): the derivatives of -f by log pi and by mu, and
+        # of 2 f by log var, at each node.
+        rows = torch.empty((3, *e.shape), dtype=e.dtype, device=device)
+        r = torch.div(e, z, out=rows[0])
+        rs = torch.mul(r, s, out=rows[1])
+        rm = torch.addcmul(r, rs, d, value=-1.0, out=rows[2])
         f1 = rs.sum(0)  # f'
-        f2 = torch.addcmul(inv_var @ rm, f1, f1)  # f'' = sum r / var - sum r s^2 + f'^2
-        g_x = None
-        if ctx.needs_input_grad[0]:
-            # f'(c) + f''(c) (x - c) as intercept + slope * x: no per-weight offset pass.
-            slope = f2 * scale
-            icpt = (f1 - f2 * c) * scale
-            g_x = icpt.index_select(0, idx).addcmul_(slope.index_select(0, idx), x)
-        ctx.g_x = g_x
-        ctx.dtypes = (x.dtype, mu.dtype, logvar.dtype, logpi.dtype)
-        ctx.save_for_backward(-(rs @ counts) * scale, 0.5 * (rm @ counts) * scale, -(r @ counts) * scale)
-        return -(counts @ (top + z.log())) * scale
+        ctx.g_xs = ()
+        if any(ctx.needs_input_grad[4:]):
+            f2 = torch.addcmul(inv_var @ rm, f1, f1)  # f'' = sum r / var - sum r s^2 + f'^2
+            # table[g, j] = scale * (f'(c_g) + f''(c_g) * (centre of cell j - c_g))
+            table = torch.addcmul((f1 * scale)[:, None], (f2 * (scale * grid.step / sub))[:, None],
+                                  _constant("centres", sub, device)).view(-1)
+            ctx.g_xs = tuple(table.index_select(0, cell) for cell in grid.cells)
+        ctx.save_for_backward((rows.view(3 * e.shape[0], -1) @ counts).view(3, -1) * _constant("coefficients", 3, device))
+        return torch.dot(counts, top.add_(z.log_()))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        g_mu, g_lv, g_pi = ctx.saved_tensors
-        g_x, ctx.g_x = ctx.g_x, None
+        (g,) = ctx.saved_tensors
+        g_xs, ctx.g_xs = ctx.g_xs or (None,) * (len(ctx.needs_input_grad) - 4), ()
         # Training adds the loss as it is (grad == 1): skip a full pass over the weights. On the
         # CPU the check is free; on an accelerator it would synchronise, so multiply there.
-        one = grad.device.type == "cpu" and grad.numel() == 1 and float(grad) == 1.0
-        if g_x is not None and not one:
-            g_x = g_x * grad
-        dx, dm, dl, dp = ctx.dtypes
-        return (None if g_x is None else g_x.to(dx), (g_mu * grad).to(dm), (g_lv * grad).to(dl),
-                (g_pi * grad).to(dp), None, None)
+        if not (grad.device.type == "cpu" and float(grad) == 1.0):
+            g = g * grad
+            g_xs = tuple(None if g_x is None else g_x * grad for g_x in g_xs)
+        g_pi, g_mu, g_lv = g.unbind(0)
+        return (g_mu, g_lv, g_pi, None, *g_xs)
 
 
-def _nll(x: Tensor, mu: Tensor, logvar: Tensor, logpi: Tensor, chunk: int | None, nodes: int | None,
+def _nll(xs: list[Tensor], mu: Tensor, logvar: Tensor, logpi: Tensor, chunk: int | None, table: bool,
          scale: float | Tensor = 1.0) -> Tensor:
-    """``scale`` times the summed NLL of the flat ``x``: from the table, or exact when small."""
-    if nodes is not None and x.numel() > _EXACT_PER_NODE * nodes:
-        return _GridNLL.apply(x, mu, logvar, logpi, nodes, scale)
+    """``scale`` times the summed NLL of the flat weight tensors ``xs``: from the table, or exact
+    (small inputs, or ``table=False``)."""
+    xs = [x for x in xs if x.numel()]
+    if not xs:
+        return mu.new_zeros(())
+    if table and sum(x.numel() for x in xs) > _EXACT_BELOW:
+        if xs[0].device.type != "cpu" and len(xs) > 1:
+            # On an accelerator one flat copy is cheaper than a handful of kernels per layer; on
+            # the CPU the copy (and its gradient's) would be two more passes over the weights.
+            xs = [torch.cat(xs)]
+        return _GridNLL.apply(mu, logvar, logpi, scale, *xs)
+    x = xs[0] if len(xs) == 1 else torch.cat(xs)
     return _MixtureNLL.apply(x, mu, logvar, logpi, _chunk_size(mu.numel(), chunk)) * scale
 
 
@@ -232,15 +325,16 @@ def _kept_flat(w: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def mixture_nll(w: Tensor, mu: Tensor, logvar: Tensor, logpi: Tensor, mask: Tensor | None = None,
-                chunk: int | None = None, nodes: int | None = _NODES) -> Tensor:
+                chunk: int | None = None, table: bool = True) -> Tensor:
     """Negative log-likelihood (summed) of the entries of ``w`` (those in ``mask``) under the
     mixture with means ``mu``, log-variances ``logvar`` and log mixing weights ``logpi`` (all
     (k,)).
 
-    With more than ``4 * nodes`` entries it is read from a table of ``nodes`` points over their
-    range (:class:`_GridNLL`); otherwise, or with ``nodes=None``, it is exact, evaluated
-    ``chunk`` weights at a time (default: about 2M weight-component pairs)."""
-    return _nll(_kept_flat(w, mask), mu, logvar, logpi, chunk, nodes)
+    With ``table`` and more than 8192 entries it is read from a table over their range
+    (:class:`_GridNLL`: the weights' gradients within about 1% of the exact ones, the loss and
+    the prior's gradients closer); otherwise it is exact, evaluated ``chunk`` weights at a time
+    (default: about 2M weight-component pairs)."""
+    return _nll([_kept_flat(w, mask)], mu, logvar, logpi, chunk, table)
 
 
 def mixture_nll_reference(w: Tensor, mu: Tensor, logvar: Tensor, logpi: Tensor,
@@ -308,16 +402,11 @@ class MixturePrior(nn.Module):
         return mu, lv, logpi
 
     def nll(self, weights: list[tuple[Tensor, Tensor | None]], chunk: int | None = None,
-            nodes: int | None = _NODES, scale: float | Tensor = 1.0) -> Tensor:
+            table: bool = True, scale: float | Tensor = 1.0) -> Tensor:
         """``scale`` times the summed negative log-likelihood of the kept entries of every
         ``(weight, mask)`` (evaluated as :func:`mixture_nll` does)."""
         mu, lv, logpi = self.components()
-        if not weights:
-            return mu.new_zeros(())
-        # One flat copy of all kept weights (4 bytes each, its gradient as much again): far
-        # fewer kernel launches than a call per layer, and nothing of size weights x components.
-        x = torch.cat([_kept_flat(w, mask) for w, mask in weights])
-        return _nll(x, mu, lv, logpi, chunk, nodes, scale)
+        return _nll([_kept_flat(w, mask) for w, mask in weights], mu, lv, logpi, chunk, table, scale)
 
 
 @dataclass(frozen=True)

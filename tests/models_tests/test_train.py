@@ -400,6 +400,7 @@ def test_distilled_student_moves_toward_the_teacher(digits: Splits) -> None:
     assert all(s is t for s, t in seen)  # the teacher sees the student's own batch, not a copy
     assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
     assert all(p.grad is None for p in teacher.parameters())
+    assert teacher.training  # its mode is restored
     assert _kl_to(teacher, distilled, digits) < 0.5 * min(start, _kl_to(teacher, labels_only, digits))
 
 

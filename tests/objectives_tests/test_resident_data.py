@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import optuna
 import torch
 
+from models.baseline import save_state
 from models.datasets import load_dataset
 from models.loader import DeviceLoader, is_resident, place, transfer_stats
 from models.train import evaluate_split, recalibrate_batchnorm
@@ -15,15 +18,35 @@ from objectives.pipeline import Workbench, calibration
 from spaces.plan import get_study_space
 
 CPU = torch.device("cpu")
+# Cheap plans (no k-means/GMM codebooks): the test is about data movement, not techniques.
+PLANS = [
+    {"stage.structure": "none", "stage.sparsity": "prune", "stage.weights": "int", "stage.activations": "none"},
+    {"stage.structure": "structured", "stage.sparsity": "none", "stage.weights": "float",
+     "stage.activations": "none"},
+    {"stage.structure": "none", "stage.sparsity": "prune", "stage.weights": "fp32",
+     "stage.activations": "actquant"},
+]
 
 
-def test_trials_copy_no_data_after_the_first(tmp_path: Path) -> None:
+def _seed_store(store: Path, base) -> None:  # base: the conftest's DigitsBaseline
+    """Put the session's digits baseline where Workbench.load looks, so that it loads, not trains."""
+    folder = store / "baselines" / f"digits-{base.record.key}"
+    folder.mkdir(parents=True)
+    save_state(base.model, folder / "model.safetensors")
+    (folder / "baseline.json").write_text(json.dumps(base.record.to_dict()))
+
+
+def test_trials_copy_no_data_after_the_first(tmp_path: Path, digits_baseline) -> None:
+    _seed_store(tmp_path, digits_baseline)
     bench = Workbench.load("digits", store=str(tmp_path), device=CPU)
+    assert bench.record == digits_baseline.record  # loaded from the store
     assert bench.data.device == CPU
     assert all(is_resident(t, CPU) for t in (bench.data.x_train, bench.data.y_val, bench.data.x_test))
-    # One fine-tune epoch keeps the three trials to about a second.
+    # One fine-tune epoch keeps the three trials short.
     objective = Objective(bench, get_study_space("all"), finetune_space={"epochs": (1, 1)})
     study = optuna.create_study(directions=["maximize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    for params in PLANS:
+        study.enqueue_trial(params)
     copies = []
     for _ in range(3):
         before = transfer_stats()
@@ -31,7 +54,17 @@ def test_trials_copy_no_data_after_the_first(tmp_path: Path) -> None:
         after = transfer_stats()
         copies.append((after[0] - before[0], after[1] - before[1]))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert [t.params["stage.weights"] for t in study.trials] == ["int", "float", "fp32"]
     assert copies[1:] == [(0, 0), (0, 0)], copies
+    # The same trial on a workbench holding host splits copies data for every loader it builds.
+    host = load_dataset("digits", val_fraction=bench.preset.val_fraction, seed=0)
+    host_objective = Objective(dataclasses.replace(bench, data=host), get_study_space("all"),
+                               finetune_space={"epochs": (1, 1)})
+    study.enqueue_trial(PLANS[0])
+    before = transfer_stats()
+    study.optimize(host_objective, n_trials=1)
+    # Train and val loaders, BN recalibration twice, the final evaluation: each places x and y.
+    assert transfer_stats()[0] - before[0] >= 2 * 5
 
 
 def test_loaders_from_host_data_are_counted() -> None:

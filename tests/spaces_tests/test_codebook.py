@@ -13,18 +13,22 @@ from torch import nn
 
 from models.errors import UserError
 from models.registry import create_model
-from models.train import train
+from models.train import TrainHook, evaluate_split, train
+from spaces.cluster1d import Clustering1D
 from spaces.codebook import (
     GLOBAL_SHARE,
     Codebook,
     CodebookConfig,
     CodebookRepr,
+    CodebookState,
     cluster_values,
+    drop_unused,
     layer_codebook,
 )
 from spaces.layers import CLinear, compress_layer
 from spaces.plan import Plan, Step, apply_plan
 from spaces.policy import LayerPolicy
+from spaces.prune import PruneConfig, masked_layers, schedule_points
 from spaces.registry import ApplyContext, get_technique, list_techniques
 from storage.codec import decode, encode
 
@@ -32,10 +36,14 @@ UNPROTECTED = ApplyContext(policy=LayerPolicy(keep_first=False, keep_last=False)
 
 
 def _lenet(config: CodebookConfig, ctx: ApplyContext = UNPROTECTED) -> nn.Module:
+    return _lenet_state(config, ctx)[0]
+
+
+def _lenet_state(config: CodebookConfig, ctx: ApplyContext = UNPROTECTED) -> tuple[nn.Module, CodebookState]:
     torch.manual_seed(0)
     model = create_model("lenet300").eval()
-    Codebook().apply(model, config, ctx)
-    return model
+    state = Codebook().apply(model, config, ctx)
+    return model, state
 
 
 def _codebook_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -64,11 +72,11 @@ def test_protected_layers_get_int8_below_8_bits() -> None:
 
 
 def test_codebook_round_trips_through_codec_and_snaps() -> None:
-    model = _lenet(CodebookConfig(clusters=8))
+    model, state = _lenet_state(CodebookConfig(clusters=8))
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         before = model(x)
-        Codebook().finalize(model, CodebookConfig(clusters=8), None)
+        Codebook().finalize(model, CodebookConfig(clusters=8), state)
         assert torch.equal(model.fc2.weight, model.fc2.weight_repr.centroids[model.fc2.weight_repr.indices])
         decoded = decode(encode(model))
         assert torch.equal(decoded.fc2.weight_repr.indices, model.fc2.weight_repr.indices)
@@ -223,3 +231,182 @@ def test_dbscan_eps_is_suggested_only_for_dbscan_and_family_names_the_method() -
         assert ("c.dbscan_eps" in trial.params) == (method == "dbscan")
         assert cfg.dbscan_eps == (0.1 if method == "dbscan" else CodebookConfig.dbscan_eps)
         assert t.family_of(cfg) == method
+
+
+# ------------------------------------------------------------ every centroid serves a kept weight
+
+
+def _unserved(model: nn.Module) -> dict[str, list[int]]:
+    """Entries of each codebook (by share key or layer path) that no kept weight uses, members
+    counted over every layer holding the codebook."""
+    counts: dict[str, torch.Tensor] = {}
+    for name, m in _codebook_layers(model):
+        rep = m.weight_repr
+        kept = rep.indices[m.mask] if m.mask is not None else rep.indices.flatten()
+        key = rep.share or name
+        counts[key] = counts.get(key, torch.zeros(rep.k, dtype=torch.int64)) + torch.bincount(kept, minlength=rep.k)
+    return {k: torch.nonzero(c == 0).flatten().tolist() for k, c in counts.items() if (c == 0).any()}
+
+
+def _exact_sparsity(model: nn.Module, sparsity: float) -> bool:
+    layers = masked_layers(model)
+    total = sum(m.weight.numel() for m in layers)
+    return bool(layers) and sum(int((~m.mask).sum()) for m in layers) == round(sparsity * total)
+
+
+def test_drop_unused_removes_memberless_entries_and_renumbers() -> None:
+    c = drop_unused(Clustering1D(np.array([-1.0, 0.0, 1.0, 2.0]), np.array([3, 0, 3, 0], dtype=np.int32)))
+    assert c.centroids.tolist() == [-1.0, 2.0] and c.labels.tolist() == [1, 0, 1, 0]
+    empty = drop_unused(Clustering1D(np.array([0.5, 1.0]), np.zeros(0, dtype=np.int64)))
+    assert empty.k == 1  # a codebook keeps one entry even when every weight is pruned
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("method", ["kmeans", "gmm", "dbscan"])
+def test_oneshot_prune_then_codebook_every_centroid_serves_a_kept_weight(method: str, scope: str) -> None:
+    torch.manual_seed(0)
+    model = create_model("lenet300").eval()
+    plan = Plan((Step("prune", PruneConfig(sparsity=0.8)),
+                 Step("codebook", CodebookConfig(method=method, clusters=16, scope=scope))))
+    applied = apply_plan(model, plan, UNPROTECTED)
+    assert len(_codebook_layers(model)) == 3 and not applied.hooks[1:]  # fitted at apply: no hook
+    assert _unserved(model) == {}
+    applied.finalize()
+    assert _unserved(model) == {}
+    for name, m in _codebook_layers(model):
+        kept = m.effective_weight().detach()[m.mask]
+        used = m.weight_repr.indices[m.mask].unique()
+        assert kept.unique().numel() == used.numel(), name
+        assert (m.effective_weight().detach()[~m.mask] == 0).all(), name
+    if scope == "global":
+        assert len({id(m.weight_repr.centroids) for _, m in _codebook_layers(model)}) == 1
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(decode(encode(model))(x), model(x), atol=1e-6)
+
+
+def _gradual(scope: str = "layer", method: str = "kmeans") -> Plan:
+    return Plan((Step("prune", PruneConfig(sparsity=0.8, schedule="gradual")),
+                 Step("codebook", CodebookConfig(method=method, clusters=16, scope=scope))))
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_gradual_prune_defers_the_fit_until_the_masks_are_final(scope: str) -> None:
+    torch.manual_seed(0)
+    model = create_model("lenet300").eval()
+    applied = apply_plan(model, _gradual(scope), UNPROTECTED)
+    assert _codebook_layers(model) == []  # full precision (masked) while the masks change
+    # The centroids exist from apply on, so the optimizer built at the start of the fine-tune
+    # holds the very Parameters the fit fills.
+    pending = {id(p) for h in applied.hooks for g in h.param_groups(model) for p in g["params"]}
+    assert len(pending) == (3 if scope == "layer" else 1)
+    total = 40
+    end = schedule_points(total)[0]
+    fitted = None
+    for step in range(total):
+        with torch.no_grad():  # stand-in for training
+            for m in masked_layers(model):
+                m.weight.add_(1e-3 * torch.randn_like(m.weight))
+        for h in applied.hooks:
+            h.after_step(model, step, total)
+        layers = _codebook_layers(model)
+        if step + 1 < end:
+            assert layers == [], step
+        elif step + 1 == end:
+            assert [n for n, _ in layers] == ["fc1", "fc2", "fc3"]
+            assert {id(m.weight_repr.centroids) for _, m in layers} == pending
+            assert _exact_sparsity(model, 0.8) and _unserved(model) == {}
+            fitted = {n: (m.weight_repr.centroids, m.weight_repr.indices.clone()) for n, m in layers}
+    assert fitted is not None
+    applied.finalize()  # the masks did not change after the fit: nothing is refitted
+    for name, m in _codebook_layers(model):
+        assert m.weight_repr.centroids is fitted[name][0] and torch.equal(m.weight_repr.indices, fitted[name][1])
+    assert _unserved(model) == {}
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_finalize_fits_what_the_finetune_never_reached(scope: str) -> None:
+    torch.manual_seed(0)
+    model = create_model("lenet300").eval()
+    applied = apply_plan(model, _gradual(scope), UNPROTECTED)
+    probe = applied.copy()  # the size prediction's copy
+    probe.finalize()
+    assert _codebook_layers(model) == []  # the original still waits for its fine-tune
+    assert len(_codebook_layers(probe.model)) == 3
+    assert _exact_sparsity(probe.model, 0.8) and _unserved(probe.model) == {}
+    applied.finalize()  # 0 epochs
+    assert _exact_sparsity(model, 0.8) and _unserved(model) == {}
+    assert len(encode(model)) == len(encode(probe.model))
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_finalize_refits_a_layer_whose_mask_changed_after_its_fit(scope: str) -> None:
+    torch.manual_seed(0)
+    model = create_model("lenet300").eval()
+    plan = Plan((Step("prune", PruneConfig(sparsity=0.5)), Step("codebook", CodebookConfig(clusters=8, scope=scope))))
+    applied = apply_plan(model, plan, UNPROTECTED)
+    layer = model.fc2
+    rep = layer.weight_repr
+    before = layer.effective_weight().detach().clone()
+    # Prune every member of entry 0 in fc2 (for a global codebook, in fc2 only).
+    layer.set_mask(layer.mask & (rep.indices != 0))
+    applied.finalize()
+    assert _unserved(model) == {}
+    assert layer.weight_repr.k == (7 if scope == "layer" else 8)
+    kept = layer.mask
+    # The refit starts from the effective weights: kept weights keep their values.
+    assert torch.equal(layer.effective_weight().detach()[kept], before[kept])
+    assert (layer.effective_weight().detach()[~kept] == 0).all()
+    if scope == "global":
+        assert len({id(m.weight_repr.centroids) for _, m in _codebook_layers(model)}) == 1
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(decode(encode(model))(x), model(x), atol=1e-6)
+
+
+class _CentroidsAtFit(TrainHook):
+    """Records the centroids right after the codebooks appear (hooks run in order: this one
+    after the plan's)."""
+
+    def __init__(self) -> None:
+        self.at_fit: dict[str, torch.Tensor] | None = None
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        layers = _codebook_layers(model)
+        if self.at_fit is None and layers:
+            self.at_fit = {n: m.weight_repr.centroids.detach().clone() for n, m in layers}
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_gradual_prune_and_codebook_through_a_real_finetune(scope: str, digits_baseline) -> None:
+    base = digits_baseline
+    model = base.fresh()
+    applied = apply_plan(model, _gradual(scope))
+    kinds = {n: m.weight_repr.kind for n, m in model.named_modules() if getattr(m, "weight_repr", None) is not None}
+    assert kinds == {"conv1": "int", "fc2": "int"}  # protected ends as before; the rest waits
+    snapshot = _CentroidsAtFit()
+    train(model, base.data, base.preset.finetune.replace(epochs=1), device=torch.device("cpu"),
+          hooks=[*applied.hooks, snapshot])
+    assert snapshot.at_fit is not None and set(snapshot.at_fit) == {"conv2", "conv3", "fc1"}
+    for name, m in _codebook_layers(model):  # the centroids trained after the fit
+        assert not torch.equal(m.weight_repr.centroids.detach(), snapshot.at_fit[name]), name
+    applied.finalize()
+    assert _exact_sparsity(model, 0.8)
+    assert _unserved(model) == {}
+    for _, m in _codebook_layers(model):
+        assert (m.weight[~m.mask] == 0).all()
+    x = base.data.x_val[:16].float()
+    with torch.no_grad():
+        assert torch.allclose(decode(encode(model)).eval()(x), model.eval()(x), atol=1e-5)
+
+
+def test_gradual_prune_and_kmeans_keep_accuracy_after_the_presets_finetune(digits_baseline) -> None:
+    base = digits_baseline
+    model = base.fresh()
+    applied = apply_plan(model, _gradual())
+    train(model, base.data, base.preset.finetune, device=torch.device("cpu"), hooks=applied.hooks)
+    applied.finalize()
+    assert _unserved(model) == {}
+    baseline_acc = evaluate_split(base.model, base.data, "test")
+    acc = evaluate_split(model, base.data, "test")
+    assert acc >= baseline_acc - 0.02, (acc, baseline_acc)

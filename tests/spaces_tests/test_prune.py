@@ -131,6 +131,16 @@ def test_gradual_hook_prunes_on_schedule() -> None:
     assert seen[-1] == pytest.approx(0.8, abs=0.5 / 4096)
 
 
+def test_gradual_apply_tells_later_steps_when_the_masks_are_final() -> None:
+    ctx = ApplyContext()
+    PRUNE.apply(create_model("lenet300"), PruneConfig(sparsity=0.8), ctx)
+    assert ctx.masks_final_step is None  # oneshot: the masks are final at apply
+    PRUNE.apply(create_model("lenet300"), PruneConfig(sparsity=0.8, schedule="gradual"), ctx)
+    assert ctx.masks_final_step is not None
+    for total in (1, 7, 100, 12345):
+        assert ctx.masks_final_step(total) == schedule_points(total)[0]
+
+
 def test_finalize_reaches_target_without_finetune() -> None:
     config = PruneConfig(sparsity=0.7, scope="layer", schedule="gradual")
     model = _pruned("lenet300", config)

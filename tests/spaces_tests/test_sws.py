@@ -1,5 +1,6 @@
-"""Soft weight-sharing: the mixture prior's likelihood, its chunked gradients, the training hook,
-merging, and the final snap to a sparse global codebook."""
+"""Soft weight-sharing: the mixture prior's likelihood (exact and chunked, or read from a table of
+nodes) and its gradients against a naive reference, the training hook, merging, and the final snap
+to a sparse global codebook."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import spaces.sws as sws
 from models.errors import UserError
 from models.registry import create_model
 from spaces.codebook import CodebookRepr
@@ -83,6 +85,140 @@ def test_chunked_loss_and_gradients_match_the_unchunked_ones(masked: bool) -> No
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
     if mask is not None:
         assert (ref_gw[~mask] == 0).all()
+
+
+def _weights(shape: tuple[int, ...], seed: int = 3) -> torch.Tensor:
+    """Weights shaped like a trained layer's: a bell with heavier tails (two zero-mean normals)."""
+    gen = torch.Generator().manual_seed(seed)
+    wide = torch.rand(shape, generator=gen) < 0.2
+    return torch.randn(shape, generator=gen) * torch.where(wide, 0.06, 0.02)
+
+
+def _fitted(w: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """The components of a prior initialised on ``w`` as ``apply`` does (k-means)."""
+    with torch.no_grad():
+        return [t.detach() for t in MixturePrior.fit(w.flatten().numpy(), k, pi_zero=0.7).components()]
+
+
+def _loss_and_grads(fn, w0, params0, *args, dtype=torch.float32, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+    w = w0.clone().to(dtype).requires_grad_()
+    params = [p.clone().to(dtype).requires_grad_() for p in params0]
+    loss = fn(w, *params, *args, **kw)
+    loss.backward()
+    return loss.detach().double(), w.grad.double(), [p.grad.double() for p in params]
+
+
+def _assert_close_to_reference(got, ref, grad_tol: float = 1e-2) -> None:  # noqa: ANN001
+    """Loss within 1e-4; the weights' gradients within ``grad_tol`` of the largest (and 5e-3 in
+    norm); the prior's gradients within ``grad_tol`` in norm."""
+    (loss, gw, gp), (ref_loss, ref_gw, ref_gp) = got, ref
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-4)
+    assert (gw - ref_gw).abs().max() <= grad_tol * ref_gw.abs().max()
+    assert (gw - ref_gw).norm() <= 5e-3 * ref_gw.norm()
+    for a, b in zip(gp, ref_gp, strict=True):
+        assert (a - b).norm() <= grad_tol * b.norm()
+
+
+@pytest.mark.parametrize(("k", "masked"), [(4, False), (16, False), (16, True), (64, False)])
+def test_table_loss_and_gradients_match_the_exact_ones(k: int, masked: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Enough weights for the table (more than 4 per node): the training path on any real layer.
+    w0 = _weights((250, 200))
+    mask = (torch.rand(w0.shape, generator=torch.Generator().manual_seed(4)) > 0.3) if masked else None
+    params0 = _fitted(w0 if mask is None else w0[mask], k)
+    calls = []
+    apply = sws._GridNLL.apply
+    monkeypatch.setattr(sws._GridNLL, "apply", lambda *a: calls.append(1) or apply(*a))
+    got = _loss_and_grads(mixture_nll, w0, params0, mask)
+    assert calls, "the table was not used"
+    ref = _loss_and_grads(mixture_nll_reference, w0, params0, mask, dtype=torch.float64)
+    _assert_close_to_reference(got, ref)
+    if mask is not None:
+        assert (got[1][~mask] == 0).all()
+    # table=False is the exact evaluation, whatever the size.
+    exact = _loss_and_grads(mixture_nll, w0, params0, mask, table=False)
+    assert len(calls) == 1
+    assert exact[0].item() == pytest.approx(ref[0].item(), rel=1e-5)
+    assert torch.allclose(exact[1], ref[1], rtol=1e-3, atol=1e-6 * ref[1].abs().max().item())
+
+
+def test_table_handles_equal_weights_and_far_outliers() -> None:
+    params0 = _fitted(_weights((100, 100)), 8)
+    for w0 in (torch.full((100, 100), 0.013), torch.cat([_weights((100, 100)).flatten(), torch.tensor([-2.0, 3.0])])):
+        got = _loss_and_grads(mixture_nll, w0, params0)
+        ref = _loss_and_grads(mixture_nll_reference, w0, params0, dtype=torch.float64)
+        assert all(torch.isfinite(t).all() for t in (got[0], got[1], *got[2]))
+        _assert_close_to_reference(got, ref)
+
+
+def test_the_loss_weight_is_folded_into_the_table_and_any_upstream_gradient_is_applied() -> None:
+    w0 = _weights((100, 120))
+    prior = MixturePrior.fit(w0.flatten().numpy(), 8, pi_zero=0.7)
+
+    def run(scale: float, upstream: float):  # noqa: ANN202
+        w = w0.clone().requires_grad_()
+        prior.zero_grad()
+        loss = prior.nll([(w, None)], scale=scale)
+        (loss * upstream).backward()
+        return loss.detach(), w.grad.clone(), [p.grad.clone() for p in prior.parameters()]
+
+    base_loss, base_gw, base_gp = run(1.0, 1.0)
+    for scale, upstream in ((0.25, 1.0), (1.0, 3.0), (0.5, -2.0)):
+        loss, gw, gp = run(scale, upstream)
+        assert loss.item() == pytest.approx(scale * base_loss.item(), rel=1e-5)
+        assert torch.allclose(gw, scale * upstream * base_gw, rtol=1e-5, atol=1e-8)
+        for a, b in zip(gp, base_gp, strict=True):
+            assert torch.allclose(a, scale * upstream * b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_table_is_spaced_by_the_smallest_std_and_each_weight_lies_in_its_cell() -> None:
+    x = _weights((40_000,))
+    span = float(x.max() - x.min())
+    for sd in (0.001, 0.01, 1e-6):
+        grid = sws._grid((x,), torch.full((5,), 2 * math.log(sd)), host=True)
+        assert grid.nodes & (grid.nodes - 1) == 0 and sws._MIN_NODES <= grid.nodes <= sws._MAX_NODES
+        assert grid.lo == x.min().item() and grid.step * (grid.nodes - 1) == pytest.approx(span)
+        if grid.nodes < sws._MAX_NODES:
+            assert grid.step <= sws._SPACING * sd < 2 * grid.step or grid.nodes == sws._MIN_NODES
+        cell = grid.cells[0].long()
+        assert grid.cells[0].dtype == torch.int32 and 0 <= int(cell.min()) and int(cell.max()) < grid.nodes * grid.sub
+        width = grid.step / grid.sub
+        centre = grid.lo + (cell // grid.sub).double() * grid.step + ((cell % grid.sub).double() - (grid.sub - 1) / 2) * width
+        assert ((x.double() - centre).abs() <= 0.5 * width * (1 + 1e-2) + 1e-9).all()
+
+
+def test_device_path_of_the_table_agrees_with_the_host_path() -> None:
+    # What an accelerator runs (range kept on the device, counts by scatter-add), here on the CPU.
+    x = _weights((40_000,))
+    logvar = torch.full((5,), 2 * math.log(0.002))
+    params0 = _fitted(x, 8)
+    host, device = sws._grid((x,), logvar, host=True), sws._grid((x,), logvar, host=False)
+    assert device.nodes == sws._DEVICE_NODES and device.lo.item() == host.lo
+    cells = host.nodes * host.sub
+    assert torch.equal(sws._node_counts(host.cells[0], cells).float(), sws._node_counts(host.cells[0], cells, scatter=True))
+    assert device.cells[0].min() >= 0 and device.cells[0].max() < device.nodes * device.sub
+    assert sws._grid((torch.tensor([0.0, math.nan, 1.0]),), logvar, host=True) is None
+    nan = _loss_and_grads(mixture_nll, torch.cat([x, torch.tensor([math.nan])]), params0)
+    assert nan[0].isnan() and nan[1].isnan().all()
+
+
+def test_hook_loss_is_tau_times_the_mean_nll_over_the_kept_weights() -> None:
+    config = SWSConfig(components=16, tau=2.0, warmup=0.0)
+    model, applied = _applied(config)
+    (hook,) = applied.hooks
+    mask = torch.rand(model.fc2.weight.shape, generator=torch.Generator().manual_seed(0)) > 0.4
+    model.fc2.set_mask(mask)
+    loss = hook.loss(model, 0, 10)
+    loss.backward()
+    mu, lv, logpi = (t.detach().double() for t in hook.state.prior.components())
+    w1 = model.fc1.weight.detach().double().requires_grad_()
+    w2 = model.fc2.weight.detach().double().requires_grad_()
+    n = w1.numel() + int(mask.sum())
+    ref = 2.0 * (mixture_nll_reference(w1, mu, lv, logpi) + mixture_nll_reference(w2, mu, lv, logpi, mask)) / n
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4)
+    for got, want in ((model.fc1.weight.grad, w1.grad), (model.fc2.weight.grad, w2.grad)):
+        assert (got.double() - want).abs().max() <= 1e-2 * want.abs().max()
+    assert (model.fc2.weight.grad[~mask] == 0).all()
 
 
 def _applied(config: SWSConfig, model_name: str = "lenet300") -> tuple[nn.Module, AppliedPlan]:
