@@ -32,17 +32,20 @@ from spaces.prune import PruneConfig, masked_layers, schedule_points
 from spaces.registry import ApplyContext, get_technique, list_techniques
 from storage.codec import decode, encode
 
-UNPROTECTED = ApplyContext(policy=LayerPolicy(keep_first=False, keep_last=False))
+def _unprotected() -> ApplyContext:
+    """A fresh context each time: ``apply`` writes to it (gradual pruning sets
+    ``masks_final_step``, which would make a later plan's codebook wait)."""
+    return ApplyContext(policy=LayerPolicy(keep_first=False, keep_last=False))
 
 
-def _lenet(config: CodebookConfig, ctx: ApplyContext = UNPROTECTED) -> nn.Module:
+def _lenet(config: CodebookConfig, ctx: ApplyContext | None = None) -> nn.Module:
     return _lenet_state(config, ctx)[0]
 
 
-def _lenet_state(config: CodebookConfig, ctx: ApplyContext = UNPROTECTED) -> tuple[nn.Module, CodebookState]:
+def _lenet_state(config: CodebookConfig, ctx: ApplyContext | None = None) -> tuple[nn.Module, CodebookState]:
     torch.manual_seed(0)
     model = create_model("lenet300").eval()
-    state = Codebook().apply(model, config, ctx)
+    state = Codebook().apply(model, config, ctx or _unprotected())
     return model, state
 
 
@@ -152,7 +155,7 @@ def test_pruned_layers_cluster_only_their_kept_weights() -> None:
     torch.manual_seed(0)
     model = create_model("lenet300").eval()
     plan = Plan((Step("prune", prune.config_from_dict({"sparsity": 0.8})), Step("codebook", CodebookConfig(clusters=8))))
-    applied = apply_plan(model, plan, UNPROTECTED)
+    applied = apply_plan(model, plan, _unprotected())
     layers = [(n, m) for n, m in _codebook_layers(model) if m.mask is not None]
     assert len(layers) == 3
     smallest_kept = {n: m.weight.detach()[m.mask].abs().min() for n, m in layers}
@@ -268,8 +271,8 @@ def test_oneshot_prune_then_codebook_every_centroid_serves_a_kept_weight(method:
     model = create_model("lenet300").eval()
     plan = Plan((Step("prune", PruneConfig(sparsity=0.8)),
                  Step("codebook", CodebookConfig(method=method, clusters=16, scope=scope))))
-    applied = apply_plan(model, plan, UNPROTECTED)
-    assert len(_codebook_layers(model)) == 3 and not applied.hooks[1:]  # fitted at apply: no hook
+    applied = apply_plan(model, plan, _unprotected())
+    assert len(_codebook_layers(model)) == 3 and len(applied.hooks) == 1  # fitted at apply: no hook of its own
     assert _unserved(model) == {}
     applied.finalize()
     assert _unserved(model) == {}
@@ -294,7 +297,7 @@ def _gradual(scope: str = "layer", method: str = "kmeans") -> Plan:
 def test_gradual_prune_defers_the_fit_until_the_masks_are_final(scope: str) -> None:
     torch.manual_seed(0)
     model = create_model("lenet300").eval()
-    applied = apply_plan(model, _gradual(scope), UNPROTECTED)
+    applied = apply_plan(model, _gradual(scope), _unprotected())
     assert _codebook_layers(model) == []  # full precision (masked) while the masks change
     # The centroids exist from apply on, so the optimizer built at the start of the fine-tune
     # holds the very Parameters the fit fills.
@@ -328,7 +331,7 @@ def test_gradual_prune_defers_the_fit_until_the_masks_are_final(scope: str) -> N
 def test_finalize_fits_what_the_finetune_never_reached(scope: str) -> None:
     torch.manual_seed(0)
     model = create_model("lenet300").eval()
-    applied = apply_plan(model, _gradual(scope), UNPROTECTED)
+    applied = apply_plan(model, _gradual(scope), _unprotected())
     probe = applied.copy()  # the size prediction's copy
     probe.finalize()
     assert _codebook_layers(model) == []  # the original still waits for its fine-tune
@@ -344,7 +347,7 @@ def test_finalize_refits_a_layer_whose_mask_changed_after_its_fit(scope: str) ->
     torch.manual_seed(0)
     model = create_model("lenet300").eval()
     plan = Plan((Step("prune", PruneConfig(sparsity=0.5)), Step("codebook", CodebookConfig(clusters=8, scope=scope))))
-    applied = apply_plan(model, plan, UNPROTECTED)
+    applied = apply_plan(model, plan, _unprotected())
     layer = model.fc2
     rep = layer.weight_repr
     before = layer.effective_weight().detach().clone()
