@@ -33,7 +33,7 @@ from spaces.plan import StudySpace, suggest_plan
 from spaces.policy import LayerPolicy
 
 OBJECTIVES = {"acc": ("val_accuracy", "maximize"), "ratio": ("compression_ratio", "maximize"), "bitops": ("bitops", "minimize")}
-StopFactory = Callable[[optuna.Trial, str, float, int], TrainHook | None]
+StopFactory = Callable[[optuna.Trial, float, int], TrainHook | None]  # (trial, ratio, epochs)
 
 
 def parse_objectives(spec: str) -> tuple[str, ...]:
@@ -168,7 +168,7 @@ class Objective:
         hooks: list[TrainHook] = [CurveRecorder(trial)]
         if self.stopper is not None:
             epochs = plan.finetune.get("epochs", self.bench.preset.finetune.epochs)
-            hook = self.stopper(trial, plan.families, predicted_ratio, int(epochs))
+            hook = self.stopper(trial, predicted_ratio, int(epochs))
             if hook is not None:
                 hooks.append(hook)
         outcome = finish(self.bench, prepared, extra_hooks=hooks)

@@ -11,8 +11,7 @@ import argparse
 from pathlib import Path
 
 from models.errors import cli_main
-from search.worker import default_store
-from storage.studies import DEFAULT_STORAGE, open_artifact_store, open_storage
+from storage.studies import DEFAULT_STORAGE, default_store, open_artifact_store, open_storage
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     storage = open_storage(args.storage, heartbeat=False)
-    store = open_artifact_store("", str(Path(args.store or default_store(args.storage)) / "artifacts"))
+    store = open_artifact_store(str(Path(args.store or default_store(args.storage)) / "artifacts"))
     print(f"optuna-dashboard on http://{args.host}:{args.port}/ for {args.storage}", flush=True)
     run_server(storage, host=args.host, port=args.port, artifact_store=store)
     return 0

@@ -77,16 +77,16 @@ class ParetoStopper:
     def __init__(self, rule: StopRule | None = None) -> None:
         self.rule = rule or StopRule()
 
-    def hook(self, trial: optuna.Trial, family: str, ratio: float, epochs: int) -> TrainHook | None:
+    def hook(self, trial: optuna.Trial, ratio: float, epochs: int) -> TrainHook | None:
         """A hook for ``trial`` (None when there is nothing to decide: a single epoch)."""
-        return StopHook(self.rule, trial, family, ratio) if epochs > 1 else None
+        return StopHook(self.rule, trial, ratio) if epochs > 1 else None
 
 
 class StopHook(TrainHook):
     """Decides after each epoch whether the trial goes on."""
 
-    def __init__(self, rule: StopRule, trial: optuna.Trial, family: str, ratio: float) -> None:
-        self.rule, self.trial, self.family, self.ratio = rule, trial, family, ratio
+    def __init__(self, rule: StopRule, trial: optuna.Trial, ratio: float) -> None:
+        self.rule, self.trial, self.ratio = rule, trial, ratio
 
     def on_epoch_end(self, model: nn.Module, record: EpochRecord) -> bool:
         """Stop when a finished trial with ratio >= ours beats our optimistic accuracy."""

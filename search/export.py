@@ -30,9 +30,14 @@ from objectives.objective import is_feasible
 from objectives.record import TrialRecord, write_plan_file
 from search.progress import front_trials, study_hypervolume
 from search.studies import find_study_name, stored_config
-from search.worker import default_store
 from storage.codec import CorruptArtifactError, decode
-from storage.studies import DEFAULT_STORAGE, load_study, open_artifact_store, open_storage
+from storage.studies import (
+    DEFAULT_STORAGE,
+    default_store,
+    load_study,
+    open_artifact_store,
+    open_storage,
+)
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -110,7 +115,7 @@ def export(study: optuna.Study, out: Path, *, data_dir: str, store_root: str, ma
     config = stored_config(study)
     baseline = study.user_attrs.get("baseline", {})
     out.mkdir(parents=True, exist_ok=True)
-    store = open_artifact_store("", str(Path(store_root) / "artifacts"))
+    store = open_artifact_store(str(Path(store_root) / "artifacts"))
     preset = get_preset(config.preset)
     data = load_dataset(config.dataset or preset.dataset, data_dir, val_fraction=preset.val_fraction, seed=config.seed)
     front = front_trials(study.get_trials(deepcopy=False))

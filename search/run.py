@@ -25,12 +25,11 @@ from search.worker import (
     BUDGET_ATTR,
     add_worker_args,
     build_objective,
-    default_store,
     pick_device,
     work,
 )
 from spaces.plan import study_names
-from storage.studies import open_storage
+from storage.studies import default_store, open_storage
 
 
 def build_parser() -> argparse.ArgumentParser:

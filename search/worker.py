@@ -24,20 +24,14 @@ from search.samplers import make_sampler
 from search.studies import StudyConfig, find_study_name, stored_config, study_space
 from storage.studies import (
     DEFAULT_STORAGE,
+    default_store,
     load_study,
     open_artifact_store,
     open_storage,
-    sqlite_path,
 )
 
 MAX_CONSECUTIVE_FAILURES = 5
 BUDGET_ATTR = "total_trials"
-
-
-def default_store(storage_url: str) -> str:
-    """Root of baselines and artifacts: beside a SQLite file, else ``runs``."""
-    path = sqlite_path(storage_url)
-    return str(path.parent) if path is not None else "runs"
 
 
 def pick_device(name: str | None, worker_index: int) -> torch.device:
@@ -64,7 +58,7 @@ def build_objective(study: optuna.Study, config: StudyConfig, bench: Workbench, 
         objectives=config.objectives,
         constraints=config.constraints,
         stopper=ParetoStopper().hook if config.early_stopping else None,
-        artifact_store=open_artifact_store("", str(Path(store) / "artifacts")),
+        artifact_store=open_artifact_store(str(Path(store) / "artifacts")),
         finetune_space={k: (v[0], v[1]) for k, v in config.finetune_space.items()} or None,
         seed=config.seed,
         log=log,

@@ -24,7 +24,7 @@ layer reads at least 8-bit inputs (int8 where the plan says int4).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,7 @@ class ActQuantizer(Component):
     """Fake-quantizes a layer's input to ``format`` within ``[-clip, clip]`` (or ``[0, clip]``)."""
 
     kind = "act"
+    clip: Tensor  # buffer registered in __init__ (annotated so the type checker sees a Tensor)
 
     def __init__(self, format: str = "int8", signed: bool = True) -> None:
         super().__init__()
@@ -125,7 +126,7 @@ def _percentile_abs(x: Tensor, percentile: float) -> float:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: Callable[[], Iterator[Tensor]],
+def calibrate(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], batches: Callable[[], Iterator[Tensor]],
               percentile: float) -> dict[str, _Stats]:
     """Input statistics of ``layers`` over the calibration batches, measured with forward
     pre-hooks (removed afterwards) with the model in eval mode (BN statistics untouched)."""

@@ -47,6 +47,7 @@ class BinaryRepr(WeightRepr):
     """``sign(w) * alpha`` with one ``alpha`` per output channel (or per layer)."""
 
     kind = "binary"
+    alpha: Tensor  # buffer registered in __init__ (annotated so the type checker sees a Tensor)
 
     def __init__(self, per_channel: bool = True, channels: int = 1, clip: float = 1.0) -> None:
         super().__init__()

@@ -41,6 +41,7 @@ class FloatRepr(WeightRepr):
     """Weights rounded to fp16, or to fp8 after a per-output-channel scale."""
 
     kind = "float"
+    scale: Tensor  # buffer registered in __init__ (annotated so the type checker sees a Tensor)
 
     def __init__(self, format: str = "fp16", channels: int = 1) -> None:
         super().__init__()

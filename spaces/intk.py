@@ -36,6 +36,7 @@ class IntRepr(WeightRepr):
     """Uniform k-bit levels per output channel: ``w = (q - zero) * scale``."""
 
     kind = "int"
+    zero: Tensor  # buffer registered in __init__ (annotated so the type checker sees a Tensor)
 
     def __init__(self, bits: int, symmetric: bool = True, per_channel: bool = True, learned: bool = False, channels: int = 1) -> None:
         super().__init__()
@@ -93,7 +94,7 @@ class IntRepr(WeightRepr):
         return (-1,) + (1,) * (weight.ndim - 1)
 
     def _levels(self, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        s = self.scale
+        s: Tensor = self.scale  # becomes a plain Tensor once the LSQ gradient scale is applied
         if self.learned and self.training:
             s = grad_scale(s, 1.0 / math.sqrt(weight.numel() / s.numel() * self.qmax))
         s, z = s.view(self._shape(weight)), self.zero.view(self._shape(weight))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -162,10 +162,13 @@ def component_spec(c: Component) -> dict[str, Any]:
     return {"kind": c.kind, **c.spec()}
 
 
-class _Compressed:
-    """Shared behaviour of :class:`CConv2d` and :class:`CLinear`."""
+class _Compressed(nn.Module):
+    """Shared behaviour of :class:`CConv2d` and :class:`CLinear` (a Module only so that the type
+    checker knows ``register_buffer`` and friends; the concrete layer class comes next in the MRO).
+    """
 
-    weight: nn.Parameter
+    # Tensor, as in nn.Conv2d's annotation: the checker requires the same type in both bases.
+    weight: Tensor
     mask: Tensor | None
     weight_repr: WeightRepr | None
     act: Component | None
@@ -177,7 +180,7 @@ class _Compressed:
 
     def effective_weight(self) -> Tensor:
         """The weight the layer computes with: representation, then mask."""
-        w = self.weight
+        w: Tensor = self.weight
         if self.weight_repr is not None:
             w = self.weight_repr(w)
         if self.mask is not None:
@@ -265,7 +268,8 @@ def compress_layer(m: nn.Conv2d | nn.Linear) -> Compressed:
     with torch.no_grad():
         new.weight.copy_(m.weight)
         if m.bias is not None:
-            new.bias.copy_(m.bias)
+            # the twin was built with a bias exactly when ``m`` has one
+            cast(Tensor, new.bias).copy_(m.bias)
     new.train(m.training)
     return new
 

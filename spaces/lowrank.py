@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import optuna
 import torch
@@ -64,6 +64,8 @@ LowRank = LowRankConv2d | LowRankLinear
 
 
 def _container_spec(m: nn.Module) -> dict[str, Any]:
+    if not isinstance(m, LowRankConv2d | LowRankLinear):
+        raise TypeError(f"expected a LowRankConv2d or LowRankLinear, got {type(m).__name__}")
     # Children may have become CConv2d/CLinear (with masks, representations) in later stages:
     # embedding their own specs rebuilds them as they are.
     return {"first": layer_spec(m.first), "second": layer_spec(m.second)}
@@ -133,22 +135,30 @@ def factorize(layer: nn.Conv2d | nn.Linear, rank: int) -> LowRank:
     a = (root[:, None] * vh[:rank]).float()  # (r, in*k*k)
     b = (u[:, :rank] * root[None, :]).float()  # (out, r)
     bias = layer.bias is not None
+    second: nn.Conv2d | nn.Linear
     if isinstance(layer, nn.Conv2d):
-        first: nn.Module = nn.Conv2d(
-            layer.in_channels, rank, layer.kernel_size, stride=layer.stride,  # type: ignore[arg-type]
-            padding=layer.padding, dilation=layer.dilation, bias=False,  # type: ignore[arg-type]
+        # nn.Conv2d stores kernel_size/stride/dilation as 2-tuples and padding as a 2-tuple or a
+        # string, while its stubs say tuple[int, ...]: the casts restate what it guarantees.
+        conv1 = nn.Conv2d(
+            layer.in_channels, rank, cast(tuple[int, int], layer.kernel_size),
+            stride=cast(tuple[int, int], layer.stride),
+            padding=cast("str | tuple[int, int]", layer.padding),
+            dilation=cast(tuple[int, int], layer.dilation), bias=False,
         )
-        second: nn.Module = nn.Conv2d(rank, out, 1, bias=bias)
-        first.weight.copy_(a.reshape(rank, *layer.weight.shape[1:]))
-        second.weight.copy_(b.reshape(out, rank, 1, 1))
-        container: LowRank = LowRankConv2d(first, second)  # type: ignore[arg-type]
+        conv2 = nn.Conv2d(rank, out, 1, bias=bias)
+        conv1.weight.copy_(a.reshape(rank, *layer.weight.shape[1:]))
+        conv2.weight.copy_(b.reshape(out, rank, 1, 1))
+        container: LowRank = LowRankConv2d(conv1, conv2)
+        second = conv2
     else:
-        first, second = nn.Linear(cols, rank, bias=False), nn.Linear(rank, out, bias=bias)
-        first.weight.copy_(a)
-        second.weight.copy_(b)
-        container = LowRankLinear(first, second)  # type: ignore[arg-type]
-    if bias:
-        second.bias.copy_(layer.bias)
+        lin1, lin2 = nn.Linear(cols, rank, bias=False), nn.Linear(rank, out, bias=bias)
+        lin1.weight.copy_(a)
+        lin2.weight.copy_(b)
+        container = LowRankLinear(lin1, lin2)
+        second = lin2
+    if layer.bias is not None:
+        # second was built with a bias exactly when the layer has one
+        cast(Tensor, second.bias).copy_(layer.bias)
     w = layer.weight
     return container.to(device=w.device, dtype=w.dtype).train(layer.training)
 

@@ -67,13 +67,14 @@ SHARE = "sws.codebook"  # the codec's key of the one stored copy of the final co
 _LOG_2PI = math.log(2 * math.pi)
 _MIN_STD, _MAX_STD = 0.05, 1.0  # clamp of every component's std, in units of s
 _CHUNK_ENTRIES = 1 << 21  # (weights x components) entries evaluated at once (8 MB in fp32)
-# The table the likelihood is read from (see _GridNLL and _grid): nodes at most _SPACING of the
-# smallest component std apart (on LeNet-300, 2048 nodes over a range of about 15 s), _SUB cells
-# per node; on accelerators a fixed _DEVICE_NODES. Up to _EXACT_BELOW weights, the exact
-# evaluation is as cheap.
-_SPACING, _SUB = 0.15, 8
+# The table the likelihood is read from (see _table and _grid): nodes at most _SPACING of the
+# smallest component std apart (on LeNet-300, 2048 nodes over a range of about 15 s); on
+# accelerators a fixed _DEVICE_NODES. Up to _EXACT_BELOW weights the exact evaluation is as cheap.
+_SPACING = 0.15
 _MIN_NODES, _MAX_NODES, _DEVICE_NODES = 256, 1 << 16, 1 << 14
 _EXACT_BELOW = 8192
+# Training steps between full evaluations of the prior (see MixturePrior.nll and SWSHook.loss).
+_REFRESH = 16
 
 
 # ------------------------------------------------------------------------ mixture likelihood
@@ -138,38 +139,36 @@ class _MixtureNLL(torch.autograd.Function):
         return out_x, (g_mu * g).to(mu.dtype), (g_lv * g).to(logvar.dtype), (g_pi * g).to(logpi.dtype), None
 
 
-def _node_counts(cell: Tensor, cells: int, scatter: bool | None = None) -> Tensor:
-    """How many entries of ``cell`` (int32, in ``[0, cells)``) fall in each cell: by ``bincount``
+def _node_counts(idx: Tensor, nodes: int, scatter: bool | None = None) -> Tensor:
+    """How many entries of ``idx`` (int32, in ``[0, nodes)``) fall on each node: by ``bincount``
     (int64; the default on the CPU) or by a scatter-add (float32; the default elsewhere)."""
-    if not (cell.device.type != "cpu" if scatter is None else scatter):
-        return torch.bincount(cell, minlength=cells)
+    if not (idx.device.type != "cpu" if scatter is None else scatter):
+        return torch.bincount(idx, minlength=nodes)
     # CUDA's bincount reads the largest index back to the host (a synchronisation); an atomic
-    # scatter-add does not. Float32 counts are exact up to 2**24 weights in one cell.
-    ones = torch.ones((), dtype=torch.float32, device=cell.device).expand(cell.numel())
-    return torch.zeros(cells, dtype=torch.float32, device=cell.device).index_add_(0, cell, ones)
+    # scatter-add does not. Float32 counts are exact up to 2**24 weights on one node.
+    ones = torch.ones((), dtype=torch.float32, device=idx.device).expand(idx.numel())
+    return torch.zeros(nodes, dtype=torch.float32, device=idx.device).index_add_(0, idx, ones)
 
 
 @dataclass(frozen=True)
 class _Grid:
-    """``nodes`` points ``lo + g * step`` spanning the weights, each node's interval
-    ``+- step / 2`` tiled by ``sub`` cells; ``cells`` holds each weight's cell (int32, one tensor
-    per weight tensor), node g's cells being ``g * sub .. g * sub + sub - 1``. ``lo`` and ``step``
-    are floats on the host path, 0-d tensors on the device path."""
+    """``nodes`` points ``lo + g * step`` spanning the weights and each weight's nearest node
+    (``idx``, int32, one tensor per weight tensor). ``lo`` and ``step`` are floats on the host
+    path, 0-d tensors on the device path."""
 
     nodes: int
-    sub: int
     lo: float | Tensor
     step: float | Tensor
-    cells: tuple[Tensor, ...]
+    idx: tuple[Tensor, ...]
 
 
-def _grid(xs: tuple[Tensor, ...], logvar: Tensor, host: bool, sub: int = _SUB) -> _Grid | None:
+def _grid(xs: tuple[Tensor, ...], logvar: Tensor, host: bool) -> _Grid | None:
     """The table's nodes for the (non-empty, flat) weights ``xs`` and the components'
     log-variances ``logvar`` (None for non-finite weights on the host path).
 
     On the host path (the CPU, where reading the range back is free) the node count is the power
     of two that spaces the nodes at most ``_SPACING`` of the smallest std apart (within
-    ``[_MIN_NODES, _MAX_NODES]``), and the map to cells is one pass. The device path reads
+    ``[_MIN_NODES, _MAX_NODES]``), and the map to nodes is one pass. The device path reads
     nothing back (a synchronisation) and uses ``_DEVICE_NODES``.
     """
     ranges = [torch.aminmax(x) for x in xs]
@@ -178,145 +177,205 @@ def _grid(xs: tuple[Tensor, ...], logvar: Tensor, host: bool, sub: int = _SUB) -
         if not math.isfinite(hi - lo):
             return None
         # The floor relative to the weights' magnitude keeps the rounding of x * inv within a
-        # fraction of a cell (the cells reach half a node beyond both ends).
+        # fraction of a node spacing.
         span = max(hi - lo, 1e-3 * max(abs(lo), abs(hi)), 1e-30)
         want = span / (_SPACING * math.exp(0.5 * float(logvar.min()))) + 1
         nodes = _MAX_NODES if not want < _MAX_NODES else max(_MIN_NODES, 1 << math.ceil(math.log2(want)))
         step = span / (nodes - 1)
-        inv = sub / step
-        offset = torch.tensor(sub / 2 - lo * inv)
-        return _Grid(nodes, sub, lo, step, tuple(torch.add(offset, x, alpha=inv).int() for x in xs))
+        offset = torch.tensor(0.5 - lo / step)  # u = (x - lo) / step + 1/2 >= 0: int() rounds
+        return _Grid(nodes, lo, step, tuple(torch.add(offset, x, alpha=1 / step).int() for x in xs))
     lo = torch.stack([r[0] for r in ranges]).min()
     hi = torch.stack([r[1] for r in ranges]).max()
     nodes = _DEVICE_NODES
     step = torch.maximum(hi - lo, 1e-3 * torch.maximum(lo.abs(), hi.abs())).clamp_min(1e-30) / (nodes - 1)
-    inv = sub / step
     # Clamped: non-finite weights must not index outside the table (they cannot be seen here
     # without a synchronisation).
-    cells = tuple(x.mul(inv).add_(sub / 2 - lo * inv).clamp_(0, nodes * sub - 1).int() for x in xs)
-    return _Grid(nodes, sub, lo, step, cells)
+    idx = tuple(x.sub(lo).div_(step).add_(0.5).clamp_(0, nodes - 1).int() for x in xs)
+    return _Grid(nodes, lo, step, idx)
 
 
-_CACHE: dict[tuple[str, int, str], Tensor] = {}
+_ARANGE: dict[tuple[int, str], Tensor] = {}
 
 
-def _constant(name: str, n: int, device: torch.device) -> Tensor:
-    """Small constant tensors of the table, made once per device: ``arange`` (0 .. n-1),
-    ``centres`` (of n cells, from their node, in cell widths) and ``coefficients``."""
-    key = (name, n, str(device))
-    if key not in _CACHE:
-        values = {
-            "arange": lambda: torch.arange(n, dtype=torch.float32),
-            "centres": lambda: torch.arange(n, dtype=torch.float32) - (n - 1) / 2,
-            # The prior's gradients (log pi, mu, log var) from _GridNLL's rows weighted by -scale.
-            "coefficients": lambda: torch.tensor([[1.0], [1.0], [-0.5]]),
-        }
-        _CACHE[key] = values[name]().to(device)
-    return _CACHE[key]
+def _arange(n: int, device: torch.device) -> Tensor:
+    key = (n, str(device))
+    if key not in _ARANGE:
+        _ARANGE[key] = torch.arange(n, dtype=torch.float32, device=device)
+    return _ARANGE[key]
 
 
-class _GridNLL(torch.autograd.Function):
-    """``scale * -sum_i log p(x_i)`` over the flat weight tensors ``xs`` and its gradients, read
-    from a table over the weights' range.
+@dataclass
+class _Table:
+    """One evaluation of ``scale * sum_i f(x_i)``, ``f(x) = -log p(x)``, over flat weights (see
+    :func:`_table`): the loss, its gradients by ``mu``, ``logvar`` and ``logpi`` (each (k,)), each
+    weight's nearest node, and per-node tables: the weights' gradient is
+    ``value[g] + slope[g] * x`` (the expansion of ``scale * f'`` about node g to first order) and
+    ``curve[g]`` is ``scale`` times the responsibility-weighted curvature ``sum_j r_j / var_j``."""
+
+    loss: Tensor
+    g_mu: Tensor
+    g_logvar: Tensor
+    g_logpi: Tensor
+    idx: tuple[Tensor, ...]
+    value: Tensor
+    slope: Tensor
+    curve: Tensor
+
+
+def _table(xs: tuple[Tensor, ...], mu: Tensor, logvar: Tensor, logpi: Tensor, scale: float | Tensor) -> _Table | None:
+    """``scale * -sum_i log p(x_i)`` over the flat weight tensors ``xs`` and what its gradients
+    need, from a table over the weights' range (no autograd; None for non-finite weights).
 
     The per-weight negative log-likelihood ``f(x) = -log sum_j pi_j N(x | mu_j, var_j)`` is a
     function of one variable. It is evaluated exactly (all components), with its first two
-    derivatives, at evenly spaced nodes ``c_g`` spanning ``[min x, max x]`` (see :func:`_grid`),
-    and each weight falls in one of the ``sub`` cells tiling its nearest node's interval. Then
+    derivatives, at evenly spaced nodes ``c_g`` spanning ``[min x, max x]`` (:func:`_grid`), and
+    each weight is assigned its nearest node. Then
 
-    * the weight's gradient is ``f'`` at its cell's centre, expanded to first order about the
-      node: ``f'(c_g) + f''(c_g) (centre - c_g)``, off by at most about ``f''`` times half a cell
-      width plus ``f'''`` times half a node spacing squared;
+    * the weight's gradient is the first-order expansion ``f'(c_g) + f''(c_g) (x - c_g)``, off by
+      about ``f'''`` times half a node spacing squared;
     * the loss and the prior's gradients are sums over the nodes, each weighted by how many
       weights it holds (the weights' first-order terms ``f'(c_g) (x - c_g)`` average out over a
       node).
 
-    Per weight that is a min/max, an affine map, a histogram and one table look-up, about six
-    passes over the weights instead of ~15 over (weights x components); nothing of size
-    (weights x components) is formed. Everything is computed in the forward (the backward only
-    returns it), with ``scale`` folded into the table: multiplying the weights' gradient by the
-    loss weight afterwards would be one more full pass.
+    Per weight that is a min/max, an affine map, a histogram and look-ups in the node tables:
+    a handful of passes over the weights instead of ~15 over (weights x components), and nothing
+    of size (weights x components) is formed. ``scale`` is folded into the tables (multiplying
+    the weights' gradient by it afterwards would be one more full pass).
     """
+    # Few kernels: on LeNet-300 each operation on the (k, G) table below costs about as much in
+    # dispatch as in arithmetic.
+    xs = tuple(x.detach().float() for x in xs)
+    mu, logvar = mu.detach().float(), logvar.detach().float()
+    inv_var = logvar.neg().exp()
+    const = torch.add(logpi.detach().float(), logvar, alpha=-0.5).sub_(0.5 * _LOG_2PI)
+    device = xs[0].device
+    host = device.type == "cpu"
+    grid = _grid(xs, logvar, host)
+    if grid is None:
+        return None
+    nodes = grid.nodes
+    counts = _node_counts(grid.idx[0], nodes)
+    for idx in grid.idx[1:]:
+        counts = counts + _node_counts(idx, nodes)
+    # Weighted by -scale, the loss and the prior's gradients are single products.
+    counts = counts.to(torch.float32).mul_(-scale)
+    if host:
+        c = torch.linspace(grid.lo, grid.lo + (nodes - 1) * grid.step, nodes)
+    else:
+        c = _arange(nodes, device) * grid.step + grid.lo
+    # (k, G): the reductions over the components run along the contiguous nodes.
+    d = c - mu[:, None]
+    s = d * inv_var[:, None]  # (c - mu) / var
+    lp = torch.addcmul(const[:, None], d, s, value=-0.5)  # log pi_j + log N(c | mu_j, var_j)
+    top = lp.amax(0)
+    # Clamped so that no responsibility (nor its products below) is a denormal float: they are
+    # ~100x slower on x86, and a component e^-60 times less likely than another is nil.
+    e = (lp - top).clamp_(min=-60.0).exp_()
+    z = e.sum(0)
+    # Rows r, r s and r (1 - (c - mu)^2 / var): the derivatives of -f by log pi and by mu, and
+    # of 2 f by log var, at each node.
+    rows = torch.empty((3, *e.shape), dtype=e.dtype, device=device)
+    r = torch.div(e, z, out=rows[0])
+    rs = torch.mul(r, s, out=rows[1])
+    rm = torch.addcmul(r, rs, d, value=-1.0, out=rows[2])
+    f1 = rs.sum(0)  # f'
+    f2 = torch.addcmul(inv_var @ rm, f1, f1)  # f'' = sum r / var - sum r s^2 + f'^2
+    curve = inv_var @ r  # sum_j r_j / var_j
+    slope = f2 * scale
+    g = rows.view(3 * e.shape[0], -1) @ counts
+    k = e.shape[0]
+    return _Table(
+        loss=torch.dot(counts, top.add_(z.log_())),
+        g_mu=g[k : 2 * k], g_logvar=g[2 * k :].mul_(-0.5), g_logpi=g[:k],
+        idx=grid.idx,
+        value=torch.addcmul(f1 * scale, slope, c, value=-1.0),
+        slope=slope,
+        curve=curve.mul_(scale),
+    )
+
+
+class _TableNLL(torch.autograd.Function):
+    """``scale * -sum_i log p(x_i)`` over the flat weight tensors ``xs``, read from
+    :func:`_table` (the gradients are computed in the forward; the backward returns them)."""
 
     @staticmethod
     def forward(ctx: Any, mu: Tensor, logvar: Tensor, logpi: Tensor, scale: float | Tensor, *xs: Tensor) -> Tensor:
-        # Few kernels: on LeNet-300 each operation on the (k, G) table below costs about as much
-        # in dispatch as in arithmetic.
-        xs = tuple(x.detach().float() for x in xs)
-        mu, logvar = mu.detach().float(), logvar.detach().float()
-        inv_var = logvar.neg().exp()
-        const = torch.add(logpi.detach().float(), logvar, alpha=-0.5).sub_(0.5 * _LOG_2PI)
-        device = xs[0].device
-        host = device.type == "cpu"
-        grid = _grid(xs, logvar, host)
-        if grid is None:  # what the exact evaluation gives for non-finite weights, without a table
+        t = _table(xs, mu, logvar, logpi, scale)
+        if t is None:  # what the exact evaluation gives for non-finite weights
+            ctx.g = (torch.full_like(mu, math.nan),) * 3
             ctx.g_xs = tuple(torch.full_like(x, math.nan) for x in xs)
-            ctx.save_for_backward(torch.full((3, mu.numel()), math.nan))
             return torch.tensor(math.nan)
-        nodes, sub = grid.nodes, grid.sub
-        counts = _node_counts(grid.cells[0], nodes * sub)
-        for cell in grid.cells[1:]:
-            counts += _node_counts(cell, nodes * sub)
-        # Weighted by -scale, the loss and the prior's gradients are single products.
-        counts = counts.view(nodes, sub).sum(1, dtype=torch.float32).mul_(-scale)
-        if host:
-            c = torch.linspace(grid.lo, grid.lo + (nodes - 1) * grid.step, nodes)
-        else:
-            c = _constant("arange", nodes, device) * grid.step + grid.lo
-        # (k, G): the reductions over the components run along the contiguous nodes.
-        d = c - mu[:, None]
-        s = d * inv_var[:, None]  # (c - mu) / var
-        lp = torch.addcmul(const[:, None], d, s, value=-0.5)  # log pi_j + log N(c | mu_j, var_j)
-        top = lp.amax(0)
-        # Clamped so that no responsibility (nor its products below) is a denormal float: they
-        # are ~100x slower on x86, and a component e^-60 times less likely than another is nil.
-        e = (lp - top).clamp_(min=-60.0).exp_()
-        z = e.sum(0)
-        # Rows r, r s and r (1 - (c - mu)^2 / var): the derivatives of -f by log pi and by mu, and
-        # of 2 f by log var, at each node.
-        rows = torch.empty((3, *e.shape), dtype=e.dtype, device=device)
-        r = torch.div(e, z, out=rows[0])
-        rs = torch.mul(r, s, out=rows[1])
-        rm = torch.addcmul(r, rs, d, value=-1.0, out=rows[2])
-        f1 = rs.sum(0)  # f'
-        ctx.g_xs = ()
-        if any(ctx.needs_input_grad[4:]):
-            f2 = torch.addcmul(inv_var @ rm, f1, f1)  # f'' = sum r / var - sum r s^2 + f'^2
-            # table[g, j] = scale * (f'(c_g) + f''(c_g) * (centre of cell j - c_g))
-            table = torch.addcmul((f1 * scale)[:, None], (f2 * (scale * grid.step / sub))[:, None],
-                                  _constant("centres", sub, device)).view(-1)
-            ctx.g_xs = tuple(table.index_select(0, cell) for cell in grid.cells)
-        ctx.save_for_backward((rows.view(3 * e.shape[0], -1) @ counts).view(3, -1) * _constant("coefficients", 3, device))
-        return torch.dot(counts, top.add_(z.log_()))
+        ctx.g = (t.g_mu, t.g_logvar, t.g_logpi)
+        ctx.g_xs = tuple(t.value.index_select(0, i).addcmul_(t.slope.index_select(0, i), x.detach().float())
+                         for i, x in zip(t.idx, xs, strict=True))
+        return t.loss
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (g,) = ctx.saved_tensors
-        g_xs, ctx.g_xs = ctx.g_xs or (None,) * (len(ctx.needs_input_grad) - 4), ()
-        # Training adds the loss as it is (grad == 1): skip a full pass over the weights. On the
-        # CPU the check is free; on an accelerator it would synchronise, so multiply there.
-        if not (grad.device.type == "cpu" and float(grad) == 1.0):
-            g = g * grad
-            g_xs = tuple(None if g_x is None else g_x * grad for g_x in g_xs)
-        g_pi, g_mu, g_lv = g.unbind(0)
-        return (g_mu, g_lv, g_pi, None, *g_xs)
+        g_xs, ctx.g_xs = ctx.g_xs, ()
+        return (*(g * grad for g in ctx.g), None, *_times(g_xs, grad))
 
 
-def _nll(xs: list[Tensor], mu: Tensor, logvar: Tensor, logpi: Tensor, chunk: int | None, table: bool,
-         scale: float | Tensor = 1.0) -> Tensor:
-    """``scale`` times the summed NLL of the flat weight tensors ``xs``: from the table, or exact
-    (small inputs, or ``table=False``)."""
+def _is_one(r: float | Tensor) -> bool:
+    """Whether ``r`` is exactly 1, where that is known for free (not on an accelerator)."""
+    return r == 1.0 if not isinstance(r, Tensor) else r.device.type == "cpu" and r.numel() == 1 and float(r) == 1.0
+
+
+def _is_zero(r: float | Tensor) -> bool:
+    """Whether ``r`` is 0 (a float; a tensor is taken as non-zero: reading it back would
+    synchronise an accelerator)."""
+    return not isinstance(r, Tensor) and r == 0.0
+
+
+def _times(gs: tuple[Tensor, ...], r: float | Tensor) -> tuple[Tensor, ...]:
+    """``gs`` times ``r``, skipping the full pass over each when ``r`` is 1 (the training case)."""
+    return gs if _is_one(r) else tuple(g.mul_(r) for g in gs)
+
+
+@dataclass
+class _Held:
+    """The prior's loss and gradients from its last full evaluation (see :meth:`MixturePrior.nll`):
+    the weights' gradient ``a + b * w`` (flat, full size; zero off the masks), the loss and the
+    gradients of its own parameters, all at loss weight ``scale``; ``key`` identifies the
+    weights."""
+
+    key: tuple[Any, ...]
+    a: list[Tensor]
+    b: list[Tensor]
+    loss: Tensor
+    grads: tuple[Tensor | None, ...]
+    scale: float | Tensor
+
+
+class _HeldNLL(torch.autograd.Function):
+    """The prior's loss at ``ratio`` times the loss weight of its last full evaluation ``held``:
+    the held loss and parameters' gradients, and the weights' gradient ``a + b * w`` at the
+    current weights ``ws`` (all times ``ratio``)."""
+
+    @staticmethod
+    def forward(ctx: Any, held: _Held, ratio: float | Tensor, means: Tensor, logvars: Tensor, logits: Tensor,
+                *ws: Tensor) -> Tensor:
+        ctx.held, ctx.ratio, ctx.ws = held, ratio, tuple(w.detach() for w in ws)
+        return held.loss * ratio
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        held, ws = ctx.held, ctx.ws
+        r = ctx.ratio * grad if not _is_one(ctx.ratio) else grad
+        g_ws = _times(tuple(torch.addcmul(a, b, w) for a, b, w in zip(held.a, held.b, ws, strict=True)), r)
+        return (None, None, *(None if g is None else g * r for g in held.grads), *g_ws)
+
+
+def _nll(xs: list[Tensor], mu: Tensor, logvar: Tensor, logpi: Tensor, chunk: int | None, table: bool) -> Tensor:
+    """The summed NLL of the flat weight tensors ``xs``: from the table, or exact (small inputs, or
+    ``table=False``)."""
     xs = [x for x in xs if x.numel()]
     if not xs:
         return mu.new_zeros(())
     if table and sum(x.numel() for x in xs) > _EXACT_BELOW:
-        if xs[0].device.type != "cpu" and len(xs) > 1:
-            # On an accelerator one flat copy is cheaper than a handful of kernels per layer; on
-            # the CPU the copy (and its gradient's) would be two more passes over the weights.
-            xs = [torch.cat(xs)]
-        return _GridNLL.apply(mu, logvar, logpi, scale, *xs)
+        return _TableNLL.apply(mu, logvar, logpi, 1.0, *xs)
     x = xs[0] if len(xs) == 1 else torch.cat(xs)
-    return _MixtureNLL.apply(x, mu, logvar, logpi, _chunk_size(mu.numel(), chunk)) * scale
+    return _MixtureNLL.apply(x, mu, logvar, logpi, _chunk_size(mu.numel(), chunk))
 
 
 def _kept_flat(w: Tensor, mask: Tensor | None) -> Tensor:
@@ -331,9 +390,9 @@ def mixture_nll(w: Tensor, mu: Tensor, logvar: Tensor, logpi: Tensor, mask: Tens
     (k,)).
 
     With ``table`` and more than 8192 entries it is read from a table over their range
-    (:class:`_GridNLL`: the weights' gradients within about 1% of the exact ones, the loss and
-    the prior's gradients closer); otherwise it is exact, evaluated ``chunk`` weights at a time
-    (default: about 2M weight-component pairs)."""
+    (:func:`_table`: the loss and all gradients within about 1% of the exact ones, typically
+    0.1%); otherwise it is exact, evaluated ``chunk`` weights at a time (default: about 2M
+    weight-component pairs)."""
     return _nll([_kept_flat(w, mask)], mu, logvar, logpi, chunk, table)
 
 
@@ -363,6 +422,7 @@ class MixturePrior(nn.Module):
         self.logvars = nn.Parameter(logvars.float().clone())  # (k,), log(var / scale^2)
         self.logits = nn.Parameter(logits.float().clone())  # (k-1,)
         self.pi_zero, self.scale = float(pi_zero), float(scale)
+        self._held: _Held | None = None  # the last full evaluation (see nll)
 
     @classmethod
     def fit(cls, values: np.ndarray, components: int, pi_zero: float) -> MixturePrior:
@@ -402,11 +462,55 @@ class MixturePrior(nn.Module):
         return mu, lv, logpi
 
     def nll(self, weights: list[tuple[Tensor, Tensor | None]], chunk: int | None = None,
-            table: bool = True, scale: float | Tensor = 1.0) -> Tensor:
+            table: bool = True, scale: float | Tensor = 1.0, reuse: bool = False) -> Tensor:
         """``scale`` times the summed negative log-likelihood of the kept entries of every
-        ``(weight, mask)`` (evaluated as :func:`mixture_nll` does)."""
-        mu, lv, logpi = self.components()
-        return _nll([_kept_flat(w, mask) for w, mask in weights], mu, lv, logpi, chunk, table, scale)
+        ``(weight, mask)``.
+
+        With ``table`` and more than 8192 weights in all it is read from a table (:func:`_table`)
+        and the evaluation is held. With ``reuse``, while the same weight tensors and masks come
+        back, the held evaluation answers instead of a new one: the loss and the prior's
+        gradients as they were, and each weight's gradient linearised about its value ``x0`` at
+        the evaluation, ``f'(x0) + (w - x0) sum_j r_j(x0) / var_j`` (the curvature of the
+        components it belongs to: exact inside a component, never negative between two), all
+        rescaled to ``scale``. Otherwise, or without ``table``, it is exact (chunked).
+        """
+        if not table or sum(w.numel() for w, _ in weights) <= _EXACT_BELOW:
+            mu, lv, logpi = self.components()
+            return _nll([_kept_flat(w, mask) for w, mask in weights], mu, lv, logpi, chunk, False) * scale
+        key = tuple((id(w), w.shape, str(w.device), None if m is None else (id(m), m._version)) for w, m in weights)
+        held = self._held
+        if not (reuse and held is not None and held.key == key and not _is_zero(held.scale)):
+            held = self._held = self._evaluate(weights, key, scale)
+            if held is None:  # non-finite weights: what the exact evaluation gives
+                return self.nll(weights, chunk, table=False, scale=scale)
+        ratio = 1.0 if scale is held.scale else scale / held.scale
+        return _HeldNLL.apply(held, ratio, self.means, self.logvars, self.logits, *(w.reshape(-1) for w, _ in weights))
+
+    def _evaluate(self, weights: list[tuple[Tensor, Tensor | None]], key: tuple[Any, ...],
+                  scale: float | Tensor) -> _Held | None:
+        """A full evaluation from the table, for :meth:`nll` to hold (None: non-finite weights)."""
+        kept = [_kept_flat(w.detach(), mask) for w, mask in weights]
+        with torch.enable_grad():
+            mu, lv, logpi = self.components()
+        t = _table(tuple(x for x in kept if x.numel()), mu, lv, logpi, scale)
+        if t is None:
+            return None
+        params = [p for p in (self.means, self.logvars, self.logits) if p.requires_grad]
+        found = dict(zip(map(id, params), torch.autograd.grad(
+            (mu, lv, logpi), params, (t.g_mu, t.g_logvar, t.g_logpi), allow_unused=True), strict=True)) if params else {}
+        grads = tuple(found.get(id(p)) for p in (self.means, self.logvars, self.logits))
+        drift = t.slope - t.curve  # the value at x0 from f'' (exact to second order), the slope from curve
+        a, b, idx = [], [], iter(t.idx)
+        for (w, mask), x in zip(weights, kept, strict=True):
+            i = next(idx) if x.numel() else None
+            ax = t.value.index_select(0, i).addcmul_(drift.index_select(0, i), x) if i is not None else x
+            bx = t.curve.index_select(0, i) if i is not None else x
+            if mask is not None:  # full size, zero off the mask: the held gradient needs no indexing
+                m = mask.reshape(-1)
+                ax, bx = (torch.zeros(w.numel(), device=w.device).masked_scatter_(m, v) for v in (ax, bx))
+            a.append(ax)
+            b.append(bx)
+        return _Held(key, a, b, t.loss, grads, scale)
 
 
 @dataclass(frozen=True)
@@ -546,12 +650,15 @@ class SWSHook(TrainHook):
             return None
         # Masks are counted on the device each step (they may change under gradual pruning; int()
         # would synchronise the GPU); unmasked layers are counted on the host, for free. The
-        # weight goes into the likelihood, which folds it into its tables (see _GridNLL).
+        # weight goes into the likelihood, which folds it into its tables (see _table).
         n: float | Tensor = float(sum(w.numel() for w, m in weights if m is None))
         masks = [m for _, m in weights if m is not None]
         if masks:
             n = (n + sum(m.sum() for m in masks)).float().clamp_min(1.0)
-        return self.state.prior.nll(weights, scale=self.tau(step, total_steps) / (n if masks else max(n, 1.0)))
+        scale = self.tau(step, total_steps) / (n if masks else max(n, 1.0))
+        # A full evaluation every _REFRESH steps, the held (linearised) one in between: on
+        # LeNet-300 a full one costs about as much as the rest of the step (see MixturePrior.nll).
+        return self.state.prior.nll(weights, scale=scale, reuse=step % _REFRESH != 0)
 
 
 def _kept(layer: CConv2d | CLinear) -> np.ndarray:

@@ -67,19 +67,17 @@ def open_storage(url: str = DEFAULT_STORAGE, *, heartbeat: bool = True) -> RDBSt
         raise UserError(f"cannot open storage {url!r}: {reason}") from None
 
 
-def artifact_dir(url: str, override: str | None = None) -> Path:
-    """Where artifacts go: ``override``, else beside a SQLite file, else ``runs/artifacts``."""
-    if override:
-        return Path(override)
-    path = sqlite_path(url)
-    return (path.parent if path is not None else Path("runs")) / "artifacts"
+def default_store(storage_url: str) -> str:
+    """Root of baselines and artifacts: beside a SQLite file, else ``runs``."""
+    path = sqlite_path(storage_url)
+    return str(path.parent) if path is not None else "runs"
 
 
-def open_artifact_store(url: str, override: str | None = None) -> FileSystemArtifactStore:
-    """A file artifact store (a shared directory on clusters)."""
-    folder = artifact_dir(url, override)
-    folder.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(str(folder))
+def open_artifact_store(folder: str | Path) -> FileSystemArtifactStore:
+    """A file artifact store in ``folder`` (a shared directory on clusters), created if absent."""
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(path))
 
 
 def load_study(name: str, storage: RDBStorage) -> optuna.Study:

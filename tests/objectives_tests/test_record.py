@@ -40,7 +40,7 @@ def finished(digits_baseline, tmp_path_factory: pytest.TempPathFactory) -> tuple
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     root = tmp_path_factory.mktemp("record")
     objective = Objective(_bench(digits_baseline), get_study_space("quantization"), finetune_space={"epochs": (1, 1)},
-                          artifact_store=open_artifact_store("", str(root / "artifacts")), seed=2)
+                          artifact_store=open_artifact_store(str(root / "artifacts")), seed=2)
     study = optuna.create_study(directions=["maximize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -72,7 +72,7 @@ def test_trial_to_record_to_plan_file_and_back(finished: tuple[optuna.Study, Obj
 
 def test_the_trials_plan_artifact_is_its_record(finished: tuple[optuna.Study, Objective, Path], tmp_path: Path) -> None:
     study, _, root = finished
-    store = open_artifact_store("", str(root / "artifacts"))
+    store = open_artifact_store(str(root / "artifacts"))
     t = study.trials[0]
     rec = TrialRecord.from_trial(t, study.metric_names)
     with store.open_reader(rec.plan_artifact_id) as fh:

@@ -66,7 +66,7 @@ def study_storage(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, 
     src.write_bytes(payload)
     trial = study.ask()
     record.write(trial, plan=PLANS[0], families=FAMILIES[0])
-    store = open_artifact_store("", str(root / "artifacts"))
+    store = open_artifact_store(str(root / "artifacts"))
     record.write(trial, artifact_id=upload_artifact(artifact_store=store, file_path=str(src), study_or_trial=trial))
     study.tell(trial, VALUES[0])
     for plan, fam, values in zip(PLANS[1:], FAMILIES[1:], VALUES[1:], strict=True):

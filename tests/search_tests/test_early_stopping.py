@@ -56,8 +56,8 @@ def _study(*trials: optuna.trial.FrozenTrial) -> optuna.Study:
     return study
 
 
-def _hook(study: optuna.Study, family: str = "int", ratio: float = 4.0, margin: float = 0.0) -> StopHook:
-    return StopHook(StopRule(min_curves=MIN, window=0.1, quantile=1.0, margin=margin), study.ask(), family, ratio)
+def _hook(study: optuna.Study, ratio: float = 4.0, margin: float = 0.0) -> StopHook:
+    return StopHook(StopRule(min_curves=MIN, window=0.1, quantile=1.0, margin=margin), study.ask(), ratio)
 
 
 def _epoch(hook: StopHook | CurveRecorder, epoch: int, acc: float) -> bool:
@@ -145,8 +145,8 @@ def test_stopper_makes_no_hook_for_a_single_epoch() -> None:
     study = _study()
     stopper = ParetoStopper(StopRule(min_curves=MIN))
     trial = study.ask()
-    assert stopper.hook(trial, "int", 4.0, 1) is None
-    hook = stopper.hook(trial, "int", 4.0, 3)
+    assert stopper.hook(trial, 4.0, 1) is None
+    hook = stopper.hook(trial, 4.0, 3)
     assert isinstance(hook, StopHook) and hook.rule.min_curves == MIN
     assert ParetoStopper().rule == StopRule()
 
@@ -162,8 +162,8 @@ class _AlwaysStop(StopHook):
         return True
 
 
-def _stop_after_first_epoch(trial: optuna.Trial, family: str, ratio: float, epochs: int) -> StopHook:
-    return _AlwaysStop(StopRule(), trial, family, ratio)
+def _stop_after_first_epoch(trial: optuna.Trial, ratio: float, epochs: int) -> StopHook:
+    return _AlwaysStop(StopRule(), trial, ratio)
 
 
 def _bench(digits_baseline) -> Workbench:  # noqa: ANN001 (conftest fixture type)
@@ -175,7 +175,7 @@ def test_a_stopped_trial_is_pruned_and_keeps_its_last_values(digits_baseline, tm
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     objective = Objective(
         _bench(digits_baseline), get_study_space("quantization"), stopper=_stop_after_first_epoch,
-        artifact_store=open_artifact_store("", str(tmp_path / "artifacts")),
+        artifact_store=open_artifact_store(str(tmp_path / "artifacts")),
     )
     study = optuna.create_study(directions=["maximize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=0))
     study.optimize(objective, n_trials=1)

@@ -32,6 +32,7 @@ from spaces.prune import PruneConfig, masked_layers, schedule_points
 from spaces.registry import ApplyContext, get_technique, list_techniques
 from storage.codec import decode, encode
 
+
 def _unprotected() -> ApplyContext:
     """A fresh context each time: ``apply`` writes to it (gradual pruning sets
     ``masks_final_step``, which would make a later plan's codebook wait)."""

@@ -24,7 +24,13 @@ from optuna.trial import TrialState
 
 import storage.studies as storage_studies
 from models.errors import UserError
-from storage.studies import artifact_dir, load_study, open_artifact_store, open_storage, sqlite_path
+from storage.studies import (
+    default_store,
+    load_study,
+    open_artifact_store,
+    open_storage,
+    sqlite_path,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 # study.ask() on a heartbeat storage warns that heartbeats come from Study.optimize: here the
@@ -66,11 +72,10 @@ def test_sqlite_creates_its_folder(tmp_path: Path) -> None:
     assert open_storage(url, heartbeat=False).get_heartbeat_interval() is None
 
 
-def test_artifact_store_lives_beside_the_database(tmp_path: Path) -> None:
-    assert artifact_dir(f"sqlite:///{tmp_path}/search.db") == tmp_path / "artifacts"
-    assert artifact_dir(PG_URL) == Path("runs") / "artifacts"
-    assert artifact_dir(PG_URL, str(tmp_path / "shared")) == tmp_path / "shared"
-    open_artifact_store(PG_URL, str(tmp_path / "shared" / "artifacts"))
+def test_store_lives_beside_the_database(tmp_path: Path) -> None:
+    assert default_store(f"sqlite:///{tmp_path}/search.db") == str(tmp_path)
+    assert default_store(PG_URL) == "runs"
+    open_artifact_store(tmp_path / "shared" / "artifacts")
     assert (tmp_path / "shared" / "artifacts").is_dir()
 
 
