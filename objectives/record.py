@@ -188,7 +188,10 @@ class TrialRecord(BaseModel):
 
 @functools.cache
 def _adapter(key: str) -> TypeAdapter[Any]:
-    return TypeAdapter(TrialRecord.model_fields[key].annotation)
+    annotation = TrialRecord.model_fields[key].annotation
+    if annotation is None:  # pydantic leaves it None only for a field declared without a type
+        raise TypeError(f"TrialRecord field {key!r} has no type annotation to check values against")
+    return TypeAdapter(annotation)
 
 
 def write(trial: optuna.Trial, **fields: Any) -> None:

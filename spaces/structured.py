@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import optuna
@@ -329,7 +329,7 @@ class _Analysis:
         else:
             self.where[node] = (inp[1], inp[2])
 
-    def _flatten_call(self, node: fx.Node, args: Iterable[object], kwargs: dict[str, object]) -> None:
+    def _flatten_call(self, node: fx.Node, args: Iterable[object], kwargs: Mapping[str, object]) -> None:
         args = list(args)
         start = args[0] if args else kwargs.get("start_dim", 0)
         end = args[1] if len(args) > 1 else kwargs.get("end_dim", -1)
@@ -408,7 +408,10 @@ def channel_scores(model: nn.Module, group: ChannelGroup, criterion: str) -> Ten
     """Importance of each channel of ``group``: its filters' norm summed over the producers."""
     total = torch.zeros(group.channels)
     for path in group.producers:
-        w = model.get_submodule(path).weight.detach().float().cpu().reshape(group.channels, -1)
+        producer = model.get_submodule(path)
+        if not isinstance(producer, nn.Conv2d | nn.Linear):  # the analysis records only these
+            raise TypeError(f"channel producer {path!r} is a {type(producer).__name__}, not a conv/linear")
+        w = producer.weight.detach().float().cpu().reshape(group.channels, -1)
         total += w.abs().sum(1) if criterion == "l1" else w.norm(dim=1)
     return total
 
@@ -441,7 +444,8 @@ def _take(t: Tensor | None, dim: int, idx: Tensor | None) -> Tensor | None:
 
 def _rebuild(m: nn.Module, cut: _Cut) -> nn.Module:
     """A plain module like ``m`` with the cut applied (same device, dtype and train mode)."""
-    ref = next(t for t in (m.weight, getattr(m, "running_mean", None)) if t is not None)
+    # weight is None for a non-affine BN, running_mean for one without running stats
+    ref = next(t for t in (m.weight, getattr(m, "running_mean", None)) if isinstance(t, Tensor))
     factory = {"device": ref.device, "dtype": ref.dtype}
     if isinstance(m, nn.Conv2d):
         weight = _take(_take(m.weight, 0, cut.out), 1, None if cut.depthwise else cut.inp)
@@ -462,7 +466,8 @@ def _rebuild(m: nn.Module, cut: _Cut) -> nn.Module:
     else:
         assert isinstance(m, _BATCHNORMS)
         n = m.num_features if cut.out is None else len(cut.out)
-        new = type(m)(n, m.eps, m.momentum, m.affine, m.track_running_stats, **factory)
+        new = type(m)(n, m.eps, m.momentum, m.affine, m.track_running_stats,
+                      device=ref.device, dtype=ref.dtype)
         names = ("weight", "bias", "running_mean", "running_var")
         tensors = {name: _take(getattr(m, name), 0, cut.out) for name in names}
         tensors["num_batches_tracked"] = m.num_batches_tracked

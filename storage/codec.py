@@ -114,7 +114,7 @@ def encode_positions(mask: np.ndarray, entropy: bool = True) -> tuple[bytes, dic
     """The smaller of a bitmap and relative indices (at the best width) of a bool mask, each
     zstd-compressed when that is smaller (and ``entropy``)."""
     flat = mask.ravel()
-    candidates = [(*_maybe_zstd(np.packbits(flat, bitorder="little").tobytes(), entropy), {"pos": "bitmap"})]
+    candidates: list[tuple[bytes, str, dict[str, Any]]] = [(*_maybe_zstd(np.packbits(flat, bitorder="little").tobytes(), entropy), {"pos": "bitmap"})]
     positions = np.flatnonzero(flat)
     if len(positions):
         gaps = np.diff(positions, prepend=-1) - 1

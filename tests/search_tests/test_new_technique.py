@@ -90,8 +90,8 @@ def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subpr
 def test_a_dropped_in_technique_is_searched_exported_and_old_studies_resume(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path}/search.db"
     common = ["--preset", "digits", "--storage", db, "--quiet", "--sampler", "random"]
-    # 1. A study created by today's code.
-    _run(["-m", "search.run", "--study", "all", "--trials", "2", *common], tmp_path)
+    # 1. A study created by today's code (every plan over --max-bytes: recorded without training).
+    _run(["-m", "search.run", "--study", "all", "--trials", "2", "--max-bytes", "1", *common], tmp_path)
 
     # 2. The same code plus one module in a copy of the package: nothing else edited.
     pkg = tmp_path / "pkg"
@@ -103,19 +103,20 @@ def test_a_dropped_in_technique_is_searched_exported_and_old_studies_resume(tmp_
     assert str(pkg) in listed and "'ternary'" in listed
 
     # 3. The old study resumes on its recorded space: no failed trial, ternary never sampled.
-    resumed = _run(["-m", "search.run", "--study", "all", "--trials", "4", *common], tmp_path, env)
+    resumed = _run(["-m", "search.run", "--study", "all", "--trials", "4", "--max-bytes", "1", *common], tmp_path, env)
     assert "ternary" in resumed.stdout  # the note that it goes to a new study
     old = optuna.load_study(study_name="all-digits", storage=db)
     assert [t.state.name for t in old.trials].count("FAIL") == 0 and len(old.trials) == 4
     assert all(t.params.get("stage.weights") != "ternary" for t in old.trials)
 
     # 4. A new study samples it (enqueued so that the test does not depend on the sampler's luck).
+    new = optuna.create_study(study_name="with-ternary", storage=db, directions=["maximize", "maximize"])
+    new.enqueue_trial({"stage.structure": "none", "stage.sparsity": "none", "stage.weights": "ternary",
+                       "stage.activations": "none"})
     _run(["-m", "search.run", "--study", "all", "--trials", "1", "--name", "with-ternary", *common], tmp_path, env)
     new = optuna.load_study(study_name="with-ternary", storage=db)
     assert "ternary" in new.user_attrs["space"]["stages"]["weights"]
-    new.enqueue_trial({"stage.structure": "none", "stage.sparsity": "none", "stage.weights": "ternary",
-                       "stage.activations": "none"})
-    _run(["-m", "search.run", "--study", "all", "--trials", "2", "--name", "with-ternary", *common], tmp_path, env)
+    assert [t.state.name for t in new.trials] == ["COMPLETE"]
     kind = _run(["-c", CHECK_ARTIFACT, db, str(tmp_path / "artifacts")], tmp_path, env).stdout.split()
     assert kind[:2] == ["int", "2"] and int(kind[2]) <= 3 * 64  # levels -a, 0, +a per channel
 

@@ -289,6 +289,17 @@ def test_oneshot_prune_then_codebook_every_centroid_serves_a_kept_weight(method:
         assert torch.allclose(decode(encode(model))(x), model(x), atol=1e-6)
 
 
+def test_gmm_means_without_members_are_removed(digits_baseline) -> None:
+    # Trained weights, pruned: the digits model's conv1 (0.8 per layer) gives a GMM of 64 whose
+    # nearest-mean assignment leaves a mean without members (measured with the removal off).
+    model = digits_baseline.fresh()
+    plan = Plan((Step("prune", PruneConfig(sparsity=0.8, scope="layer")),
+                 Step("codebook", CodebookConfig(method="gmm", clusters=64))))
+    apply_plan(model, plan, _unprotected()).finalize()
+    assert len(_codebook_layers(model)) == 5
+    assert _unserved(model) == {}
+
+
 def _gradual(scope: str = "layer", method: str = "kmeans") -> Plan:
     return Plan((Step("prune", PruneConfig(sparsity=0.8, schedule="gradual")),
                  Step("codebook", CodebookConfig(method=method, clusters=16, scope=scope))))
