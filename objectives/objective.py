@@ -29,7 +29,7 @@ from models.train import EpochRecord, TrainHook, evaluate_split
 from objectives import record
 from objectives.pipeline import Outcome, Workbench, finish, prepare
 from objectives.size import bitops
-from spaces.plan import StudySpace, suggest_plan
+from spaces.plan import StudySpace, compressible_layers, suggest_plan
 from spaces.policy import LayerPolicy
 
 OBJECTIVES = {"acc": ("val_accuracy", "maximize"), "ratio": ("compression_ratio", "maximize"), "bitops": ("bitops", "minimize")}
@@ -136,6 +136,9 @@ class Objective:
         self.stopper, self.artifact_store = stopper, artifact_store
         self.policy, self.finetune_space, self.seed, self.log = policy, finetune_space, seed, log
         self._context: dict[str, Any] | None = None
+        # Few layers (the LeNets, the digits CNN): each eligible layer samples its own intensity.
+        few = len(compressible_layers(bench.baseline)) <= space.per_layer_max
+        self.layers = [p for p, _ in (policy or LayerPolicy()).eligible(bench.baseline)] if few else []
 
     def context(self) -> dict[str, Any]:
         """Record fields every trial of this worker shares (the manifest hashes the dataset:
@@ -155,7 +158,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         """Run one trial."""
         start = time.perf_counter()
-        plan = suggest_plan(trial, self.space, self.policy, self.finetune_space)
+        plan = suggest_plan(trial, self.space, self.policy, self.finetune_space, self.layers)
         seed = self.trial_seed(trial)
         # The plan first, before anything can fail: a failed trial still shows what it ran.
         record.write(trial, plan=plan.to_dict(), families=plan.families, seed=seed, **self.context())

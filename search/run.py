@@ -28,7 +28,7 @@ from search.worker import (
     pick_device,
     work,
 )
-from spaces.plan import study_names
+from spaces.plan import PER_LAYER_MAX, study_names
 from storage.studies import default_store, open_storage
 
 
@@ -48,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=int, default=None, help="artifact size limit; larger plans are infeasible and not trained")
     p.add_argument("--min-ratio", type=float, default=None, help="compression ratio floor; plans below are infeasible and not trained")
     p.add_argument("--no-early-stopping", action="store_true", help="never stop a trial early")
-    p.add_argument("--tune-finetune", action="store_true", help="also search the fine-tune epochs (1..2x the preset's) and learning rate")
+    p.add_argument("--tune-finetune", action="store_true",
+                   help="also search the fine-tune: epochs (1..2x the preset's), learning rate, distillation from the baseline")
+    p.add_argument("--per-layer-max", type=int, default=PER_LAYER_MAX,
+                   help=f"models with at most this many conv/linear layers sample each layer's intensity (sparsity, bits, "
+                        f"clusters, rank) on its own; 0: one value per technique (default: {PER_LAYER_MAX})")
     p.add_argument("--seed", type=int, default=0, help="seed of the baseline, the splits and the samplers (default: 0)")
     p.add_argument("--wandb", action="store_true", help="log every trial to Weights & Biases (WANDB_MODE=offline works)")
     add_worker_args(p)
@@ -61,17 +65,20 @@ def study_config(args: argparse.Namespace) -> StudyConfig:
         raise UserError(f"--trials must be >= 1, got {args.trials}")
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.per_layer_max < 0:
+        raise UserError(f"--per-layer-max must be >= 0, got {args.per_layer_max}")
     finetune_space = {}
     if args.tune_finetune:
         from models.presets import get_preset
 
         ft = get_preset(args.preset).finetune
-        finetune_space = {"epochs": [1, 2 * ft.epochs], "lr": [ft.lr / 10, ft.lr * 10]}
+        finetune_space = {"epochs": [1, 2 * ft.epochs], "lr": [ft.lr / 10, ft.lr * 10],
+                          "distill_weight": [0.0, 0.9], "distill_temperature": [1.0, 8.0]}
     return StudyConfig(
         space=args.study, preset=args.preset, dataset=args.dataset, seed=args.seed,
         objectives=parse_objectives(args.objectives), sampler=args.sampler,
         early_stopping=not args.no_early_stopping, max_bytes=args.max_bytes, min_ratio=args.min_ratio,
-        max_accuracy_drop=args.max_accuracy_drop, finetune_space=finetune_space,
+        max_accuracy_drop=args.max_accuracy_drop, finetune_space=finetune_space, per_layer_max=args.per_layer_max,
     )
 
 

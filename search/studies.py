@@ -13,7 +13,7 @@ from models.baseline import code_version
 from models.errors import UserError
 from objectives.objective import OBJECTIVES, Constraints
 from objectives.pipeline import Workbench
-from spaces.plan import NONE, STAGES, StudySpace, get_study_space, space_changes
+from spaces.plan import NONE, PER_LAYER_MAX, STAGES, StudySpace, get_study_space, space_changes
 
 CONFIG_ATTR = "config"
 SPACE_ATTR = "space"  # the concrete space the study was created with (StudySpace.record)
@@ -34,6 +34,7 @@ class StudyConfig:
     min_ratio: float | None = None
     max_accuracy_drop: float | None = None
     finetune_space: dict[str, list[float]] = field(default_factory=dict)
+    per_layer_max: int = PER_LAYER_MAX
 
     def __post_init__(self) -> None:
         get_study_space(self.space)  # raises on an unknown name
@@ -94,7 +95,7 @@ def create_or_load(name: str, storage: optuna.storages.BaseStorage, config: Stud
             "dataset": bench.record.dataset,
         })
         study.set_user_attr("code_version", code_version())
-        study.set_user_attr(SPACE_ATTR, get_study_space(config.space).record())
+        study.set_user_attr(SPACE_ATTR, get_study_space(config.space, config.per_layer_max).record())
     elif StudyConfig.from_dict(existing) != config:
         old = StudyConfig.from_dict(existing).to_dict()
         diff = {k: (old[k], v) for k, v in config.to_dict().items() if old.get(k) != v}

@@ -171,13 +171,18 @@ class IntK(Technique[IntConfig, None]):
             learned_step=trial.suggest_categorical(f"{prefix}.learned_step", [True, False]),
         )
 
+    def per_layer(self, config: IntConfig) -> tuple[str, ...]:
+        """A layer may have its own bits."""
+        return ("bits",)
+
     def apply(self, model: nn.Module, config: IntConfig, ctx: ApplyContext) -> None:
-        """Give every conv/linear an :class:`IntRepr` fitted to its weights."""
+        """Give every conv/linear an :class:`IntRepr` fitted to its weights (at its own bits
+        where the step overrides them per layer)."""
         set_weight_repr(
             model, ctx,
-            lambda _p, layer: IntRepr.fit(layer.weight.detach(), config.bits, config.symmetric,
-                                         config.per_channel, config.learned_step, layer.mask),
-            config.bits,
+            lambda path, layer: IntRepr.fit(layer.weight.detach(), ctx.config_at(config, path).bits,
+                                            config.symmetric, config.per_channel, config.learned_step, layer.mask),
+            lambda path: ctx.config_at(config, path).bits,
         )
 
     def finalize(self, model: nn.Module, config: IntConfig, state: None) -> None:

@@ -219,12 +219,18 @@ class LowRankSVD(Technique[LowRankConfig, None]):
             return LowRankConfig(mode=mode, rank_ratio=trial.suggest_float(f"{prefix}.rank_ratio", 0.05, 0.9))
         return LowRankConfig(mode=mode, energy=trial.suggest_float(f"{prefix}.energy", 0.8, 0.999))
 
+    def per_layer(self, config: LowRankConfig) -> tuple[str, ...]:
+        """A layer may keep its own share of the rank (or of the energy)."""
+        return ("rank_ratio",) if config.mode == "ratio" else ("energy",)
+
     def apply(self, model: nn.Module, config: LowRankConfig, ctx: ApplyContext) -> None:
-        """Replace each eligible layer that would shrink by its factors."""
+        """Replace each eligible layer that would shrink by its factors (at its own rank share
+        where the step overrides it per layer)."""
         for path, layer in ctx.policy.eligible(model):
             if not factorizable(layer) or _inside_container(model, path):
                 continue
-            rank = rank_for(singular_values(layer), config.mode, config.rank_ratio, config.energy)
+            c = ctx.config_at(config, path)
+            rank = rank_for(singular_values(layer), c.mode, c.rank_ratio, c.energy)
             if shrinks(layer, rank):
                 replace_module(model, path, factorize(layer, rank))
 

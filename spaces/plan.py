@@ -16,9 +16,10 @@ the recorded space.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -29,6 +30,7 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
     distribution_to_json,
+    json_to_distribution,
 )
 from torch import nn
 
@@ -53,14 +55,35 @@ FINETUNE_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "seed")
 
 @dataclass(frozen=True)
 class Step:
-    """One technique with its config."""
+    """One technique with its config and, optionally, per-layer overrides.
+
+    ``layers`` maps a layer path (``"fc1"``, ``"layer1.0.conv1"``) to a partial config: the
+    fields the technique lets a layer override (:meth:`Technique.per_layer`, e.g. a layer's
+    own sparsity or bits). A plan file holds these resolved values, so what a trial ran is
+    readable and replayable.
+    """
 
     technique: str
     config: TechniqueConfig
+    layers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        allowed = self.handler.per_layer(self.config)
+        for path, override in self.layers.items():
+            for key in override:
+                if key not in allowed:
+                    raise UserError(
+                        f"layers.{path}.{key}: {self.technique} does not set {key!r} per layer"
+                        f"{' with this config' if allowed else ''}; per-layer fields: {', '.join(allowed) or 'none'}"
+                    )
+            dataclasses.replace(self.config, **override)  # the config's own range checks
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"technique": name, "config": {...}}``."""
-        return {"technique": self.technique, "config": self.config.to_dict()}
+        """``{"technique": name, "config": {...}}`` plus ``"layers"`` when there are overrides."""
+        out: dict[str, Any] = {"technique": self.technique, "config": self.config.to_dict()}
+        if self.layers:
+            out["layers"] = {p: dict(o) for p, o in self.layers.items()}
+        return out
 
     @property
     def handler(self) -> AnyTechnique:
@@ -137,9 +160,13 @@ class Plan:
         if d.get("version", PLAN_VERSION) != PLAN_VERSION:
             raise UserError(f"plan version {d.get('version')} is not supported (expected {PLAN_VERSION})")
         steps = []
-        for s in d["steps"]:
+        for i, s in enumerate(d["steps"]):
             technique = get_technique(s["technique"])
-            steps.append(Step(technique.name, technique.config_from_dict(s.get("config", {}))))
+            config = technique.config_from_dict(s.get("config", {}))
+            try:
+                steps.append(Step(technique.name, config, {p: dict(o) for p, o in s.get("layers", {}).items()}))
+            except UserError as exc:
+                raise UserError(f"steps[{i}].{exc}") from None
         return cls(tuple(steps), LayerPolicy.from_dict(d.get("policy", {})), dict(d.get("finetune", {})))
 
 
@@ -173,10 +200,30 @@ def _hooks(model: nn.Module, plan: Plan, states: tuple[Any, ...]) -> list[TrainH
 
 
 def apply_plan(model: nn.Module, plan: Plan, ctx: ApplyContext | None = None) -> AppliedPlan:
-    """Apply every step to ``model`` in place."""
+    """Apply every step to ``model`` in place (each with its per-layer overrides)."""
     ctx = ctx or ApplyContext(policy=plan.policy)
-    states = tuple(step.handler.apply(model, step.config, ctx) for step in plan.steps)
-    return AppliedPlan(model, plan, states, _hooks(model, plan, states))
+    states = []
+    for i, step in enumerate(plan.steps):
+        _check_layer_paths(model, step, i)
+        ctx.layers = step.layers
+        states.append(step.handler.apply(model, step.config, ctx))
+    ctx.layers = {}
+    return AppliedPlan(model, plan, tuple(states), _hooks(model, plan, tuple(states)))
+
+
+def compressible_layers(model: nn.Module) -> list[str]:
+    """Paths of the conv and linear layers of ``model``, in module order."""
+    return [p for p, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear) and p]
+
+
+def _check_layer_paths(model: nn.Module, step: Step, index: int) -> None:
+    known = compressible_layers(model)
+    for path in step.layers:
+        if path not in known:
+            raise UserError(
+                f"steps[{index}].layers.{path}: no conv/linear layer of that path in the model at this "
+                f"step; layers: {', '.join(known[:20])}{' ...' if len(known) > 20 else ''}"
+            )
 
 
 # ------------------------------------------------------------------------------ the joint space
@@ -217,12 +264,14 @@ class StudySpace:
 
     A choice is ``"none"`` (skip the stage), ``"fp32"`` (no weight representation), a technique
     name, or structure techniques chained with ``+``. A stage with a single choice is fixed (not
-    sampled); a stage that is absent is skipped.
+    sampled); a stage that is absent is skipped. On a model with at most ``per_layer_max``
+    conv/linear layers every eligible layer samples its own intensity (0: never).
     """
 
     name: str
     stages: Mapping[str, tuple[str, ...]]
     description: str = ""
+    per_layer_max: int = 0
 
     def options(self, stage: str) -> tuple[str, ...]:
         """Allowed choices of ``stage`` (``("none",)`` when the study leaves it out)."""
@@ -239,13 +288,16 @@ class StudySpace:
         return {
             "name": self.name,
             "stages": {s: list(o) for s, o in self.stages.items()},
+            "per_layer_max": self.per_layer_max,
             "techniques": {n: technique_fingerprint(get_technique(n)) for n in self.technique_names()},
         }
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> StudySpace:
         """The space a study recorded (see :meth:`record`)."""
-        return cls(str(record["name"]), {s: tuple(o) for s, o in record["stages"].items()})
+        # Studies recorded before per-layer sampling existed keep sampling without it.
+        return cls(str(record["name"]), {s: tuple(o) for s, o in record["stages"].items()},
+                   per_layer_max=int(record.get("per_layer_max", 0)))
 
 
 def _stage_choices(stage: str, names: Iterable[str], optional: bool) -> tuple[str, ...]:
@@ -256,15 +308,16 @@ def _stage_choices(stage: str, names: Iterable[str], optional: bool) -> tuple[st
     return head + tuple(t.name for t in chosen) + tuple(combos)
 
 
-def _all_space() -> StudySpace:
+def _all_space(per_layer_max: int) -> StudySpace:
     return StudySpace(
         "all",
         {s: _stage_choices(s, list_techniques(s), optional=True) for s in STAGES if list_techniques(s)},
         "every stage, every weight representation",
+        per_layer_max,
     )
 
 
-def _family_space(spec: FamilyStudy) -> StudySpace:
+def _family_space(spec: FamilyStudy, per_layer_max: int) -> StudySpace:
     stages: dict[str, tuple[str, ...]] = {}
     for stage in STAGES:
         for wanted, optional in ((spec.required.get(stage), False), (spec.optional.get(stage), True)):
@@ -272,7 +325,7 @@ def _family_space(spec: FamilyStudy) -> StudySpace:
                 names = [n for n in list_techniques(stage) if set(get_technique(n).families) & set(wanted)]
                 if names:
                     stages[stage] = _stage_choices(stage, names, optional)
-    return StudySpace(spec.name, stages, spec.description)
+    return StudySpace(spec.name, stages, spec.description, per_layer_max)
 
 
 def study_names() -> list[str]:
@@ -280,14 +333,19 @@ def study_names() -> list[str]:
     return ["all", *(f.name for f in FAMILY_STUDIES)]
 
 
-def get_study_space(name: str) -> StudySpace:
+PER_LAYER_MAX = 8  # default: the LeNets and the digits CNN sample per-layer intensities
+
+
+def get_study_space(name: str, per_layer_max: int = PER_LAYER_MAX) -> StudySpace:
     """The named study space as the registered techniques make it today; an unknown name
     lists the known ones."""
+    if per_layer_max < 0:
+        raise UserError(f"per_layer_max must be >= 0, got {per_layer_max}")
     if name == "all":
-        return _all_space()
+        return _all_space(per_layer_max)
     for spec in FAMILY_STUDIES:
         if spec.name == name:
-            return _family_space(spec)
+            return _family_space(spec, per_layer_max)
     raise UnknownNameError("study", name, study_names())
 
 
@@ -374,17 +432,52 @@ def _choose(trial: optuna.Trial, stage: str, options: tuple[str, ...]) -> str:
     return str(trial.suggest_categorical(f"stage.{stage}", list(options)))
 
 
+def _suggest_like(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
+    """Suggest ``name`` from a distribution of the same kind as ``dist``."""
+    if isinstance(dist, FloatDistribution):
+        return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    assert isinstance(dist, CategoricalDistribution)  # the three kinds Optuna suggests
+    return trial.suggest_categorical(name, dist.choices)
+
+
+def suggest_layers(trial: optuna.Trial, technique: AnyTechnique, config: TechniqueConfig,
+                   layers: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per-layer overrides of ``config``: each per-layer field of each of ``layers`` sampled
+    from the distribution the technique's own ``suggest`` uses for it, as
+    ``<technique>.<layer path>.<field>``. The first layer takes the step's (global) value, so
+    no parameter is sampled twice."""
+    fields_ = technique.per_layer(config)
+    if not layers or not fields_:
+        return {}
+    params = technique_fingerprint(technique)["params"]
+    out: dict[str, dict[str, Any]] = {layers[0]: {f: getattr(config, f) for f in fields_}}
+    for path in layers[1:]:
+        out[path] = {}
+        for f in fields_:
+            spec = params.get(f"{technique.name}.{f}")
+            value = getattr(config, f) if spec is None else _suggest_like(
+                trial, f"{technique.name}.{path}.{f}", json_to_distribution(json.dumps(spec)))
+            out[path][f] = value
+    return out
+
+
 def suggest_plan(
     trial: optuna.Trial,
     space: StudySpace,
     policy: LayerPolicy | None = None,
     finetune_space: Mapping[str, tuple[float, float]] | None = None,
+    layers: Sequence[str] = (),
 ) -> Plan:
     """Sample a plan of ``space`` from an Optuna trial.
 
     Parameters are conditional and namespaced: ``stage.<stage>`` picks a technique, and only the
-    chosen technique's parameters (``<technique>.<param>``) are suggested. ``finetune_space``
-    (e.g. ``{"epochs": (1, 8), "lr": (1e-3, 1e-1)}``) makes the fine-tune budget searchable.
+    chosen technique's parameters (``<technique>.<param>``) are suggested. ``layers`` (the
+    eligible layers of a model with few of them, see :attr:`StudySpace.per_layer_max`) get
+    their own intensity per technique (:func:`suggest_layers`) until a structure step changes
+    the layers. ``finetune_space`` (e.g. ``{"epochs": (1, 8), "lr": (1e-3, 1e-1)}``; also
+    ``distill_weight`` and ``distill_temperature``) makes the fine-tune searchable.
     """
     steps: list[Step] = []
     for stage in STAGES:
@@ -392,13 +485,27 @@ def suggest_plan(
         if choice in (NONE, FP32):
             continue
         for name in choice.split("+"):
-            steps.append(Step(name, get_technique(name).suggest(trial, name)))
-    finetune: dict[str, Any] = {}
-    for key, (lo, hi) in (finetune_space or {}).items():
+            technique = get_technique(name)
+            config = technique.suggest(trial, name)
+            # A structure step rewrites layers (factors, fewer channels): overrides of later
+            # steps would name layers that are no longer what was sampled.
+            per_layer = layers if not any(s.stage == "structure" for s in steps) else ()
+            steps.append(Step(name, config, suggest_layers(trial, technique, config, per_layer)))
+    return Plan(tuple(steps), policy or LayerPolicy(), suggest_finetune(trial, finetune_space or {}))
+
+
+_FINETUNE_LOG = {"epochs": False, "lr": True, "distill_weight": False, "distill_temperature": True}
+
+
+def suggest_finetune(trial: optuna.Trial, space: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
+    """Fine-tune overrides sampled from ``space`` (key -> (low, high)): ``epochs`` (int),
+    ``lr`` and ``distill_temperature`` (log scale), ``distill_weight`` (linear)."""
+    out: dict[str, Any] = {}
+    for key, (lo, hi) in space.items():
+        if key not in _FINETUNE_LOG:
+            raise UserError(f"finetune_space key {key!r} is not searchable; use {', '.join(_FINETUNE_LOG)}")
         if key == "epochs":
-            finetune["epochs"] = trial.suggest_int("finetune.epochs", int(lo), int(hi))
-        elif key == "lr":
-            finetune["lr"] = trial.suggest_float("finetune.lr", lo, hi, log=True)
+            out[key] = trial.suggest_int("finetune.epochs", int(lo), int(hi))
         else:
-            raise UserError(f"finetune_space key {key!r} is not searchable; use epochs or lr")
-    return Plan(tuple(steps), policy or LayerPolicy(), finetune)
+            out[key] = trial.suggest_float(f"finetune.{key}", lo, hi, log=_FINETUNE_LOG[key])
+    return out

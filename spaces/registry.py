@@ -81,6 +81,10 @@ def check(condition: bool, message: str) -> None:
         raise UserError(message)
 
 
+C = TypeVar("C", bound=TechniqueConfig)
+S = TypeVar("S")
+
+
 @dataclass
 class ApplyContext:
     """What ``apply`` may use besides the model and the config.
@@ -89,6 +93,8 @@ class ApplyContext:
         policy: Which layers are eligible and how protected layers are treated.
         calibration: Yields a few normalised input batches on the model's device (activation
             clipping, data-aware initialisation); None where no data is at hand.
+        layers: The applying step's per-layer overrides (layer path -> partial config);
+            techniques read them through :meth:`config_at`.
         masks_final_step: Set by an earlier step whose masks keep changing during the fine-tune
             (gradual pruning): maps the fine-tune's total steps to the step after which the
             masks are final, so that a later step (a codebook) can fit what survives. None:
@@ -98,10 +104,14 @@ class ApplyContext:
     policy: LayerPolicy = field(default_factory=LayerPolicy)
     calibration: Callable[[], Iterator[Tensor]] | None = None
     masks_final_step: Callable[[int], int] | None = None
+    layers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
-
-C = TypeVar("C", bound=TechniqueConfig)
-S = TypeVar("S")
+    def config_at(self, config: C, path: str) -> C:
+        """``config`` with the current step's per-layer overrides of the layer at ``path``
+        (``layers``, set by :func:`spaces.plan.apply_plan`); ``config`` itself for a layer
+        without any."""
+        override = self.layers.get(path)
+        return dataclasses.replace(config, **override) if override else config
 
 
 class Technique(Generic[C, S]):
@@ -154,6 +164,12 @@ class Technique(Generic[C, S]):
     def family_of(self, config: C) -> str:
         """The family label of ``config`` (default: :attr:`family`)."""
         return self.family
+
+    def per_layer(self, config: C) -> tuple[str, ...]:
+        """Fields of ``config`` that a layer may override (its intensity: sparsity, bits,
+        clusters, rank); ``apply`` reads each layer's value through
+        :meth:`ApplyContext.config_at`. Default: none."""
+        return ()
 
     def config_from_dict(self, d: Mapping[str, Any]) -> C:
         """Parse this technique's config."""

@@ -41,15 +41,18 @@ def protect(layer: CConv2d | CLinear) -> None:
     layer.weight_repr.to(layer.weight.device)
 
 
-def set_weight_repr(model: nn.Module, ctx: ApplyContext, make: ReprFactory, bits: float) -> None:
+def set_weight_repr(model: nn.Module, ctx: ApplyContext, make: ReprFactory,
+                    bits: float | Callable[[str], float]) -> None:
     """Give every conv/linear layer the representation ``make(path, layer)``.
 
-    Layers the policy protects keep at least ``PROTECTED_BITS`` bits: where ``bits`` is lower
-    they are :func:`protect`-ed instead.
+    Layers the policy protects keep at least ``PROTECTED_BITS`` bits: where ``bits`` (a
+    number, or a layer path's bits under per-layer overrides) is lower they are
+    :func:`protect`-ed instead.
     """
     protected = ctx.policy.protected_paths(model)
     for path, layer in compressed_layers(model):
-        if path in protected and bits < PROTECTED_BITS:
+        layer_bits = bits(path) if callable(bits) else bits
+        if path in protected and layer_bits < PROTECTED_BITS:
             protect(layer)
         else:
             layer.weight_repr = make(path, layer)

@@ -29,7 +29,7 @@ from spaces.registry import get_technique
 
 # Keys of a plan's JSON object and of one step (Plan.to_dict / Step.to_dict).
 PLAN_KEYS = ("finetune", "policy", "steps", "version")
-STEP_KEYS = ("config", "technique")
+STEP_KEYS = ("config", "layers", "technique")
 
 _EXPECTED = {
     "int_type": "int", "int_from_float": "int", "int_parsing": "int",
@@ -97,6 +97,12 @@ def _validate_step(step: object, where: str) -> None:
             _check(_INT, config["version"], f"{where}.config.version")
             config = {k: v for k, v in config.items() if k != "version"}
         _check_fields(config, technique.config_cls, f"{where}.config", extra_known=("version",))
+    if "layers" in step:  # per-layer overrides: layer path -> partial config
+        layers = step["layers"]
+        if not isinstance(layers, dict):
+            raise UserError(f"{where}.layers: expected an object (layer path -> partial config), got {_show(layers)}")
+        for layer, override in layers.items():
+            _check_fields(override, technique.config_cls, _join(f"{where}.layers", layer))
 
 
 def _check_fields(value: object, cls: type, where: str, *, exclude: Sequence[str] = (),

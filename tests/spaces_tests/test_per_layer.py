@@ -1,0 +1,91 @@
+"""Per-layer overrides in plans: validated, applied, recorded, replayed byte-identically, and
+sampled as their own parameters on models with few layers."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+import torch
+
+from models.errors import UserError
+from models.registry import create_model
+from spaces.intk import IntConfig
+from spaces.lowrank import LowRankConfig
+from spaces.plan import Plan, Step, StudySpace, apply_plan, suggest_plan
+from spaces.policy import LayerPolicy
+from spaces.registry import ApplyContext
+from storage.codec import encode
+
+UNPROTECTED = LayerPolicy(keep_first=False, keep_last=False)
+
+
+def _apply(plan: Plan) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create_model("lenet300").eval()
+    apply_plan(model, plan, ApplyContext(policy=plan.policy)).finalize()
+    return model
+
+
+def test_a_layer_override_changes_that_layer_only() -> None:
+    plan = Plan((Step("int", IntConfig(bits=4), {"fc2": {"bits": 2}}),), UNPROTECTED)
+    model = _apply(plan)
+    assert model.fc1.weight_repr.bits == 4 and model.fc2.weight_repr.bits == 2 and model.fc3.weight_repr.bits == 4
+    assert len(encode(model)) < len(encode(_apply(Plan((Step("int", IntConfig(bits=4)),), UNPROTECTED))))
+
+
+def test_protection_still_wins_over_a_low_override() -> None:
+    plan = Plan((Step("int", IntConfig(bits=4), {"fc3": {"bits": 2}}),), LayerPolicy())
+    assert _apply(plan).fc3.weight_repr.bits == 8  # the classifier is protected (8 bits)
+
+
+def test_per_layer_plans_round_trip_through_json_byte_identically() -> None:
+    plan = Plan((
+        Step("lowrank", LowRankConfig(rank_ratio=0.5), {"fc1": {"rank_ratio": 0.1}}),
+        Step("int", IntConfig(bits=6), {}),
+    ), UNPROTECTED)
+    again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again == plan
+    assert encode(_apply(again)) == encode(_apply(plan))
+    no_layers = Plan((Step("int", IntConfig(bits=6)),)).to_dict()
+    assert "layers" not in no_layers["steps"][0]  # plan files without overrides keep their shape
+
+
+@pytest.mark.parametrize(("layers", "message"), [
+    ({"fc1": {"symmetric": False}}, "steps[0].layers.fc1.symmetric: int does not set 'symmetric' per layer"),
+    ({"fc1": {"bits": 9}}, "bits must be in 2..8, got 9"),
+    ({"fc1": {"bits": "4"}}, 'steps[0].layers.fc1.bits: expected int, got "4"'),
+    ({"fc1": {"nope": 1}}, "steps[0].layers.fc1.nope: unknown key"),
+    ([1], "steps[0].layers: expected an object"),
+])
+def test_malformed_overrides_are_refused_naming_their_path(layers: object, message: str) -> None:
+    d = {"steps": [{"technique": "int", "config": {"bits": 4}, "layers": layers}]}
+    with pytest.raises(UserError) as info:
+        Plan.from_dict(d)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_override_of_a_missing_layer_is_refused_at_apply() -> None:
+    plan = Plan((Step("int", IntConfig(bits=4), {"fc9": {"bits": 2}}),))
+    with pytest.raises(UserError, match=r"steps\[0\].layers.fc9: no conv/linear layer .* layers: fc1, fc2, fc3"):
+        _apply(plan)
+
+
+def test_sampling_gives_each_layer_its_own_parameter_and_replays() -> None:
+    space = StudySpace("int-only", {"weights": ("int",)}, per_layer_max=8)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    trial = study.ask()
+    plan = suggest_plan(trial, space, UNPROTECTED, layers=["fc1", "fc2", "fc3"])
+    (step,) = plan.steps
+    assert {"int.fc2.bits", "int.fc3.bits"} <= set(trial.params) and "int.fc1.bits" not in trial.params
+    assert step.layers["fc1"] == {"bits": step.config.bits}  # the first layer takes the step's value
+    assert step.layers["fc2"] == {"bits": trial.params["int.fc2.bits"]}
+    assert suggest_plan(optuna.trial.FixedTrial(trial.params), space, UNPROTECTED, layers=["fc1", "fc2", "fc3"]) == plan
+
+
+def test_no_overrides_after_a_structure_step() -> None:
+    space = StudySpace("s", {"structure": ("lowrank",), "weights": ("int",)}, per_layer_max=8)
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    plan = suggest_plan(trial, space, UNPROTECTED, layers=["fc1", "fc2", "fc3"])
+    assert plan.steps[0].layers and not plan.steps[1].layers
