@@ -69,7 +69,7 @@ def create_model(name: str, num_classes: int | None = None, in_channels: int | N
     }
     model = info.fn(num_classes=arch["num_classes"], in_channels=arch["in_channels"])
     # The codec records this so that decode can rebuild the architecture without pickle.
-    model.pc_arch = arch
+    setattr(model, "pc_arch", arch)  # noqa: B010 (a plain attribute, not a Module or Tensor)
     return model
 
 

@@ -220,7 +220,8 @@ def _lr_factor(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
 
 
 def _split_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
@@ -351,12 +352,13 @@ def train(
     torch.manual_seed(config.seed)
     model.to(device)
     if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack memory_format
     teacher_was_training = False
     if distill and teacher is not None:
         teacher.to(device)
         if device.type == "cuda":
-            teacher.to(memory_format=torch.channels_last)  # the student's batches are channels-last
+            # The student's batches are channels-last. (Torch's stubs lack memory_format.)
+            teacher.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         teacher_was_training = teacher.training
         teacher.eval()
     train_loader, val_loader = loaders(data, config.batch_size, device, seed=config.seed)

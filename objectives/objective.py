@@ -8,10 +8,15 @@ live in the record's ``constraints`` (<= 0 is feasible); samplers read them thro
 :func:`constraints_of`. Early stopping is injected as a hook factory so that this package does
 not depend on ``search``; a stopped trial is recorded PRUNED, its record keeping the epoch it
 stopped after and its (accuracy, ratio) at that point.
+
+A *refinement trial* (enqueued by ``search.refine`` with ``refine_of``/``fidelity_epochs``)
+re-trains its parent search trial's recorded plan with that many fine-tune epochs and the
+parent's seed, never stopped early (:meth:`Objective.refinement`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import tempfile
@@ -29,7 +34,7 @@ from models.train import EpochRecord, TrainHook, evaluate_split
 from objectives import record
 from objectives.pipeline import Outcome, Workbench, finish, prepare
 from objectives.size import bitops
-from spaces.plan import StudySpace, compressible_layers, suggest_plan
+from spaces.plan import Plan, StudySpace, compressible_layers, suggest_plan
 from spaces.policy import LayerPolicy
 
 OBJECTIVES = {"acc": ("val_accuracy", "maximize"), "ratio": ("compression_ratio", "maximize"), "bitops": ("bitops", "minimize")}
@@ -83,8 +88,17 @@ def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
     return all(c <= 0 for c in constraints_of(trial))
 
 
+def is_refinement(trial: optuna.trial.FrozenTrial | optuna.Trial) -> bool:
+    """True for a refinement trial (``search.refine``): a search trial's plan re-trained with a
+    longer fine-tune, marked by ``refine_of`` when it was enqueued."""
+    return record.REFINE_OF in trial.user_attrs
+
+
 def is_exportable(trial: optuna.trial.FrozenTrial) -> bool:
-    """True for a COMPLETE, feasible trial that trained its full budget.
+    """True for a COMPLETE, feasible search trial that trained its full budget.
+
+    Refinement trials are not: they trained another budget, so they are neither on the search
+    front nor references for early stopping; export shows them beside their parent.
 
     Stopped trials are recorded PRUNED; studies made while a hidden option recorded them COMPLETE
     with partial values (marked by ``stopped_at_epoch``) may still hold such trials, and those
@@ -95,6 +109,7 @@ def is_exportable(trial: optuna.trial.FrozenTrial) -> bool:
         trial.state == optuna.trial.TrialState.COMPLETE
         and trial.values is not None
         and record.STOPPED_AT_EPOCH not in trial.user_attrs
+        and not is_refinement(trial)
         and is_feasible(trial)
     )
 
@@ -158,8 +173,12 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         """Run one trial."""
         start = time.perf_counter()
-        plan = suggest_plan(trial, self.space, self.policy, self.finetune_space, self.layers)
-        seed = self.trial_seed(trial)
+        refining = is_refinement(trial)
+        if refining:
+            plan, seed = self.refinement(trial)
+        else:
+            plan = suggest_plan(trial, self.space, self.policy, self.finetune_space, self.layers)
+            seed = self.trial_seed(trial)
         # The plan first, before anything can fail: a failed trial still shows what it ran.
         record.write(trial, plan=plan.to_dict(), families=plan.families, seed=seed, **self.context())
         prepared = prepare(self.bench, plan, seed)
@@ -169,7 +188,7 @@ class Objective:
         if any(v > 0 for v in violations):
             return self._infeasible(trial, prepared.model, prepared.predicted_bytes, predicted_ratio, violations, start)
         hooks: list[TrainHook] = [CurveRecorder(trial)]
-        if self.stopper is not None:
+        if self.stopper is not None and not refining:  # a refinement is never stopped early
             epochs = plan.finetune.get("epochs", self.bench.preset.finetune.epochs)
             hook = self.stopper(trial, predicted_ratio, int(epochs))
             if hook is not None:
@@ -188,6 +207,28 @@ class Objective:
             values.append(float(bitops(outcome.model, self.bench.input_shape())))
         self._upload(trial, outcome, values)
         return tuple(values)
+
+    def refinement(self, trial: optuna.Trial) -> tuple[Plan, int]:
+        """The plan and seed of a refinement trial: its parent's recorded plan with
+        ``finetune.epochs`` set to the trial's fidelity (so its plan file names its epochs and
+        ``search.apply`` of it reproduces its bytes), and the parent's seed."""
+        from models.errors import UserError
+
+        # The trial was enqueued with the parent's params: suggesting them again (fixed values)
+        # gives it the parent's params and distributions, as the samplers and dashboard expect.
+        suggest_plan(trial, self.space, self.policy, self.finetune_space, self.layers)
+        number, epochs = int(trial.user_attrs[record.REFINE_OF]), int(trial.user_attrs[record.FIDELITY_EPOCHS])
+        parent = next((t for t in trial.study.get_trials(deepcopy=False) if t.number == number), None)
+        if parent is None or parent.state != optuna.trial.TrialState.COMPLETE or is_refinement(parent):
+            raise UserError(f"trial {trial.number} refines trial {number}, which is not a finished search trial")
+        if epochs < 1:
+            raise UserError(f"trial {trial.number}: fidelity_epochs must be >= 1, got {epochs}")
+        rec = record.TrialRecord.from_trial(parent)
+        plan = rec.to_plan()
+        plan = dataclasses.replace(plan, finetune={**plan.finetune, "epochs": epochs})
+        record.write(trial, refine_of=number, fidelity_epochs=epochs,
+                     refine_round=int(trial.user_attrs.get(record.REFINE_ROUND, 0)))
+        return plan, rec.seed
 
     def _infeasible(self, trial: optuna.Trial, model: torch.nn.Module, nbytes: int, ratio: float,
                     violations: list[float], start: float) -> tuple[float, ...]:

@@ -60,11 +60,16 @@ DEVICE = "device"
 MANIFEST = "manifest"
 ARTIFACT_ID = "artifact_id"
 PLAN_ARTIFACT_ID = "plan_artifact_id"
+# Refinement trials (search/refine.py): set when the trial is enqueued, before it runs.
+REFINE_OF = "refine_of"
+FIDELITY_EPOCHS = "fidelity_epochs"
+REFINE_ROUND = "refine_round"
 
 ATTR_KEYS = (
     PLAN, FAMILIES, PRESET, DATASET, SEED, BASELINE_SEED, BASELINE_KEY, BASELINE_BYTES,
     PREDICTED_BYTES, BYTES, BREAKDOWN, CURVE, EPOCHS, STOPPED_AT_EPOCH, STOPPED_VALUES,
     CONSTRAINTS, INFEASIBLE, WALL_SECONDS, DEVICE, MANIFEST, ARTIFACT_ID, PLAN_ARTIFACT_ID,
+    REFINE_OF, FIDELITY_EPOCHS, REFINE_ROUND,
 )
 # Names of a trial's values by position when the study names none (acc, ratio[, bitops]).
 METRIC_NAMES = ("val_accuracy", "compression_ratio", "bitops")
@@ -110,6 +115,10 @@ class TrialRecord(BaseModel):
         wall_seconds, device: Time the trial took, and where.
         manifest: Library versions, code and dataset hashes.
         artifact_id, plan_artifact_id: The trial's artifacts in the study's artifact store.
+        refine_of: Set on a refinement trial (``search.refine``): the number of the search
+            trial whose plan it re-trains, with its seed; ``fidelity_epochs`` the fine-tune
+            epochs it trains (also the plan's ``finetune.epochs``), ``refine_round`` the
+            successive-halving round (0 first) that enqueued it.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -140,6 +149,9 @@ class TrialRecord(BaseModel):
     manifest: Manifest | None = None
     artifact_id: str | None = None
     plan_artifact_id: str | None = None
+    refine_of: int | None = None
+    fidelity_epochs: int | None = None
+    refine_round: int | None = None
 
     @classmethod
     def parse(cls, d: Mapping[str, Any], where: str = "") -> TrialRecord:

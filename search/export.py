@@ -8,6 +8,16 @@ epoch it stopped after) and ``pareto.png`` (the front coloured by weight represe
 is the only place the test split is read: for each Pareto plan, from its stored artifact.
 Stopped (pruned) and infeasible trials never enter the front. ``--materialize`` also writes the
 artifacts.
+
+Refinement (``search.refine``): the front is that of the search trials; refinement trials never
+enter it. A front plan whose trial was refined carries, beside its search values, ``refined_*``
+fields for its refinement at the highest fidelity: in ``pareto.json`` ``refined_trial``,
+``refined_epochs``, ``refined_values``, ``refined_bytes``, ``refined_test_accuracy`` and
+``refined_plan_file`` (``plan-trial-<refined trial>.json``, the refined trial's record: what
+``search.apply`` reads to rebuild the refined artifact byte for byte; ``--materialize`` writes
+that artifact too); in ``trials.csv`` every search trial's ``refined_trial``, ``refined_epochs``
+and ``refined_<metric>`` columns, and every row's ``refine_of`` and ``fidelity_epochs``
+(refinement trials are rows of their own).
 """
 
 from __future__ import annotations
@@ -27,8 +37,9 @@ from models.errors import UserError, cli_main
 from models.presets import get_preset
 from models.train import evaluate_split
 from objectives.objective import is_feasible
-from objectives.record import TrialRecord, write_plan_file
+from objectives.record import FIDELITY_EPOCHS, TrialRecord, write_plan_file
 from search.progress import front_trials, study_hypervolume
+from search.refine import best_refinements
 from search.studies import find_study_name, stored_config
 from storage.codec import CorruptArtifactError, decode
 from storage.studies import (
@@ -46,6 +57,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     trials = study.get_trials(deepcopy=False)
     front = {t.number for t in front_trials(trials)}
     names = study.metric_names or ["val_accuracy", "compression_ratio"]
+    refined = best_refinements(trials)
     rows = []
     for t in trials:
         r = TrialRecord.from_trial(t, names)
@@ -56,8 +68,12 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             families=r.families, bytes=r.bytes, feasible=is_feasible(t), pareto=t.number in front,
             epochs=r.epochs, stopped_at_epoch=r.stopped_at_epoch, wall_seconds=r.wall_seconds,
             seed=r.seed, device=r.device, params=json.dumps(t.params, sort_keys=True),
-            plan=json.dumps(r.plan, sort_keys=True),
+            plan=json.dumps(r.plan, sort_keys=True), refine_of=r.refine_of, fidelity_epochs=r.fidelity_epochs,
         )
+        best = refined.get(t.number)
+        row.update(refined_trial=best.number if best else None,
+                   refined_epochs=best.user_attrs[FIDELITY_EPOCHS] if best else None)
+        row.update({f"refined_{n}": best.values[i] if best else math.nan for i, n in enumerate(names)})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -108,10 +124,22 @@ def _artifact_bytes(artifact_id: str | None, store: Any) -> bytes | None:
         return None
 
 
-def export(study: optuna.Study, out: Path, *, data_dir: str, store_root: str, materialize: bool) -> dict[str, Any]:
-    """Write the export files for ``study`` into ``out``; return the pareto.json content."""
+def _artifact_and_model(record: TrialRecord, store: Any, *, data_dir: str, store_root: str) -> tuple[bytes, Any]:
+    """A trial's artifact from the store (rebuilt from its plan when missing) and its model."""
     from search.apply import rebuild
 
+    blob = _artifact_bytes(record.artifact_id, store)
+    if blob is None:
+        _, outcome = rebuild(record.to_plan(), record, data_dir=data_dir, store=store_root)
+        return outcome.artifact, outcome.model
+    try:
+        return blob, decode(blob)
+    except CorruptArtifactError as exc:
+        raise UserError(f"artifact of trial {record.trial} is corrupt ({exc}); re-run it or delete the study's artifacts") from None
+
+
+def export(study: optuna.Study, out: Path, *, data_dir: str, store_root: str, materialize: bool) -> dict[str, Any]:
+    """Write the export files for ``study`` into ``out``; return the pareto.json content."""
     config = stored_config(study)
     baseline = study.user_attrs.get("baseline", {})
     out.mkdir(parents=True, exist_ok=True)
@@ -123,24 +151,27 @@ def export(study: optuna.Study, out: Path, *, data_dir: str, store_root: str, ma
     # Trials of studies made before the record held these fields take them from the study.
     defaults = dict(preset=config.preset, dataset=config.dataset, baseline_seed=config.seed,
                     baseline_bytes=baseline.get("bytes"), baseline_key=baseline.get("key"))
+    refined = best_refinements(study.get_trials(deepcopy=False))
     plans = []
     for t in front:
-        record = TrialRecord.from_trial(t, names, defaults)
-        plan = record.to_plan()
-        blob = _artifact_bytes(record.artifact_id, store)
-        if blob is None:
-            _, outcome = rebuild(plan, record, data_dir=data_dir, store=store_root)
-            blob, model = outcome.artifact, outcome.model
-        else:
-            try:
-                model = decode(blob)
-            except CorruptArtifactError as exc:
-                raise UserError(f"artifact of trial {t.number} is corrupt ({exc}); re-run it or delete the study's artifacts") from None
-        record = record.model_copy(update={"test_accuracy": evaluate_split(model, data, "test")})
-        plan_file = write_plan_file(out / f"plan-trial-{t.number}.json", record)
-        if materialize:
-            (out / f"trial-{t.number}.pcz").write_bytes(blob)
-        plans.append({**record.to_json_dict(), "plan_file": plan_file.name})
+        entry: dict[str, Any] = {}
+        for trial, prefix in [(t, ""), (refined.get(t.number), "refined_")]:
+            if trial is None:
+                continue
+            record = TrialRecord.from_trial(trial, names, defaults)
+            record.to_plan()  # a malformed plan is refused in one line before anything loads
+            blob, model = _artifact_and_model(record, store, data_dir=data_dir, store_root=store_root)
+            record = record.model_copy(update={"test_accuracy": evaluate_split(model, data, "test")})
+            plan_file = write_plan_file(out / f"plan-trial-{trial.number}.json", record)
+            if materialize:
+                (out / f"trial-{trial.number}.pcz").write_bytes(blob)
+            if not prefix:
+                entry.update({**record.to_json_dict(), "plan_file": plan_file.name})
+            else:
+                entry.update(refined_trial=trial.number, refined_epochs=record.fidelity_epochs, refined_values=record.values,
+                             refined_bytes=record.bytes, refined_test_accuracy=record.test_accuracy,
+                             refined_plan_file=plan_file.name)
+        plans.append(entry)
     summary = {
         "study": study.study_name,
         "config": config.to_dict(),
@@ -182,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     for p in summary["plans"]:
         print(f"  trial {p['trial']:>4}  {p['families']:<28} val {p['values'][acc]:.4f} "
               f"test {p['test_accuracy']:.4f} ratio {p['values'][ratio]:.2f}  {p['plan_file']}")
+        if "refined_trial" in p:
+            print(f"  {'refined':>10} {p['refined_epochs']:>3} epochs{'':<18} val {p['refined_values'][acc]:.4f} "
+                  f"test {p['refined_test_accuracy']:.4f} ratio {p['refined_values'][ratio]:.2f}  {p['refined_plan_file']}")
     return 0
 
 

@@ -19,6 +19,7 @@ from models.presets import DEFAULT_PRESET, list_presets
 from objectives.objective import parse_objectives
 from objectives.pipeline import Workbench
 from search.progress import ProgressDisplay, study_stats
+from search.refine import DEFAULT_ETA, DEFAULT_FACTOR, check_options, refine, summary_lines
 from search.samplers import SAMPLER_HELP, SAMPLERS, make_sampler
 from search.studies import StudyConfig, create_or_load, new_techniques, study_space
 from search.worker import (
@@ -55,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                         f"clusters, rank) on its own; 0: one value per technique (default: {PER_LAYER_MAX})")
     p.add_argument("--seed", type=int, default=0, help="seed of the baseline, the splits and the samplers (default: 0)")
     p.add_argument("--wandb", action="store_true", help="log every trial to Weights & Biases (WANDB_MODE=offline works)")
+    p.add_argument("--refine", type=int, default=0,
+                   help="after the search, refine the top K plans with longer fine-tunes, as python -m search.refine "
+                        "--top K does (default: 0, off)")
+    p.add_argument("--refine-factor", type=float, default=DEFAULT_FACTOR,
+                   help=f"with --refine: last round's fine-tune = factor x the preset's epochs (default: {DEFAULT_FACTOR:g})")
+    p.add_argument("--refine-eta", type=int, default=DEFAULT_ETA,
+                   help=f"with --refine: successive halving keeps 1/eta of the plans per round (default: {DEFAULT_ETA})")
     add_worker_args(p)
     return p
 
@@ -100,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("optuna").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     config = study_config(args)
+    if args.refine < 0:
+        raise UserError(f"--refine must be >= 0 (0: off), got {args.refine}")
+    # Checked before the search, not after it.
+    check_options(max(args.refine, 1), args.refine_factor, args.refine_eta, ("--refine", "--refine-factor", "--refine-eta"))
     sampler = make_sampler(config.sampler, seed=config.seed * 1000 + args.worker_index, constraints=config.has_constraints)
     storage = open_storage(args.storage)
     store = args.store or default_store(args.storage)
@@ -133,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"{sum(1 for p in procs if p.returncode)} of {args.jobs} workers failed (see their messages above)")
     stats = study_stats(study, bench.record.val_accuracy)
     print(stats.line(args.trials))
+    if args.refine:
+        results = refine(study, build_objective(study, config, bench, store, log), top=args.refine,
+                         factor=args.refine_factor, eta=args.refine_eta, log=log)
+        print("\n".join(summary_lines(results)), flush=True)
     print(f"finished in {time.perf_counter() - start:.0f} s; browse: python -m search.dashboard --storage {args.storage}; "
           f"export: python -m search.export --name {name} --storage {args.storage}")
     return 0

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from models.errors import UserError, cli_main
 from models.train import resolve_device
-from objectives.objective import Objective
+from objectives.objective import Objective, is_refinement
 from objectives.pipeline import Workbench
 from search.early_stopping import ParetoStopper
 from search.samplers import make_sampler
@@ -44,9 +44,10 @@ def pick_device(name: str | None, worker_index: int) -> torch.device:
 
 
 def counted(study: optuna.Study) -> int:
-    """Trials that count against the budget: finished (complete or stopped) and running."""
+    """Trials that count against the budget: finished (complete or stopped) and running search
+    trials; refinement trials (``search.refine``) do not count."""
     states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    return len(study.get_trials(deepcopy=False, states=states))
+    return sum(1 for t in study.get_trials(deepcopy=False, states=states) if not is_refinement(t))
 
 
 def build_objective(study: optuna.Study, config: StudyConfig, bench: Workbench, store: str,

@@ -337,17 +337,28 @@ class CodebookState:
     def mask_changed(self, model: nn.Module, key: str) -> bool:
         """Whether a layer of the fitted codebook ``key`` has another mask than at its fit."""
         for path in self.groups[key]:
-            now, then = model.get_submodule(path).mask, self.fitted[path]
-            if (now is None) != (then is None) or (now is not None and not torch.equal(now, then)):
+            now, then = layer_at(model, path).mask, self.fitted[path]
+            if now is None or then is None:
+                if (now is None) != (then is None):
+                    return True
+            elif not torch.equal(now, then):
                 return True
         return False
+
+
+def layer_at(model: nn.Module, path: str) -> CConv2d | CLinear:
+    """The compressed layer at ``path`` (looked up each time: robust to later module swaps)."""
+    layer = model.get_submodule(path)
+    if not isinstance(layer, CConv2d | CLinear):
+        raise TypeError(f"{path} is a {type(layer).__name__} now; the codebook needs its compressed conv/linear layer")
+    return layer
 
 
 @torch.no_grad()
 def fit_codebook(model: nn.Module, config: CodebookConfig, state: CodebookState, key: str) -> None:
     """Fit the codebook ``key`` to the kept weights of its layers and install it in them."""
     paths = state.groups[key]
-    layers = [(p, model.get_submodule(p)) for p in paths]
+    layers = [(p, layer_at(model, p)) for p in paths]
     if key == GLOBAL_SHARE:
         reprs = global_codebooks(layers, config, centroids=state.centroids[key])
     else:
@@ -372,7 +383,7 @@ class CodebookHook(TrainHook):
         for key, paths in self.state.groups.items():
             if not self.state.is_fitted(key):
                 param = self.state.centroids[key]
-                param.data = param.data.to(model.get_submodule(paths[0]).weight.device)
+                param.data = param.data.to(layer_at(model, paths[0]).weight.device)
                 pending.append(param)
         return [{"params": pending, "weight_decay": 0.0}] if pending else []
 
@@ -422,11 +433,11 @@ class Codebook(Technique[CodebookConfig, CodebookState]):
                 protect(layer)
             else:
                 paths.append(path)
-        groups = {p: (p,) for p in paths}
+        groups: dict[str, tuple[str, ...]] = {p: (p,) for p in paths}
         if config.scope == "global":
             groups = {GLOBAL_SHARE: tuple(paths)} if paths else {}
         centroids = {
-            key: nn.Parameter(torch.zeros(config.clusters, device=model.get_submodule(members[0]).weight.device))
+            key: nn.Parameter(torch.zeros(config.clusters, device=layer_at(model, members[0]).weight.device))
             for key, members in groups.items()
         }
         state = CodebookState(groups, centroids, ctx.masks_final_step)
@@ -449,7 +460,7 @@ class Codebook(Technique[CodebookConfig, CodebookState]):
             elif state.mask_changed(model, key):
                 with torch.no_grad():
                     for path in state.groups[key]:
-                        layer = model.get_submodule(path)
+                        layer = layer_at(model, path)
                         layer.weight.copy_(layer.effective_weight())
                 fit_codebook(model, config, state, key)
         snap_weights(model)

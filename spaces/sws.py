@@ -68,13 +68,16 @@ _LOG_2PI = math.log(2 * math.pi)
 _MIN_STD, _MAX_STD = 0.05, 1.0  # clamp of every component's std, in units of s
 _CHUNK_ENTRIES = 1 << 21  # (weights x components) entries evaluated at once (8 MB in fp32)
 # The table the likelihood is read from (see _table and _grid): nodes at most _SPACING of the
-# smallest component std apart (on LeNet-300, 2048 nodes over a range of about 15 s); on
-# accelerators a fixed _DEVICE_NODES. Up to _EXACT_BELOW weights the exact evaluation is as cheap.
-_SPACING = 0.15
+# smallest component std apart (on LeNet-300, 2048 nodes over a range of about 15 s), _SUB cells
+# per node; on accelerators a fixed _DEVICE_NODES. Up to _EXACT_BELOW weights the exact
+# evaluation is as cheap.
+_SPACING, _SUB = 0.15, 8
 _MIN_NODES, _MAX_NODES, _DEVICE_NODES = 256, 1 << 16, 1 << 14
 _EXACT_BELOW = 8192
-# Training steps between full evaluations of the prior (see MixturePrior.nll and SWSHook.loss).
-_REFRESH = 16
+# In training the prior is evaluated in full at most every _REFRESH steps, and more often the
+# faster its parameters move: every _PULL / (tau x their learning rates relative to the defaults)
+# steps. The steps between reuse the held evaluation (see MixturePrior.nll and SWSHook.loss).
+_REFRESH, _PULL = 8, 24.0
 
 
 # ------------------------------------------------------------------------ mixture likelihood
@@ -139,130 +142,132 @@ class _MixtureNLL(torch.autograd.Function):
         return out_x, (g_mu * g).to(mu.dtype), (g_lv * g).to(logvar.dtype), (g_pi * g).to(logpi.dtype), None
 
 
-def _node_counts(idx: Tensor, nodes: int, scatter: bool | None = None) -> Tensor:
-    """How many entries of ``idx`` (int32, in ``[0, nodes)``) fall on each node: by ``bincount``
+def _node_counts(idx: Tensor, cells: int, scatter: bool | None = None) -> Tensor:
+    """How many entries of ``idx`` (int32, in ``[0, cells)``) fall in each cell: by ``bincount``
     (int64; the default on the CPU) or by a scatter-add (float32; the default elsewhere)."""
     if not (idx.device.type != "cpu" if scatter is None else scatter):
-        return torch.bincount(idx, minlength=nodes)
+        return torch.bincount(idx, minlength=cells)
     # CUDA's bincount reads the largest index back to the host (a synchronisation); an atomic
-    # scatter-add does not. Float32 counts are exact up to 2**24 weights on one node.
+    # scatter-add does not. Float32 counts are exact up to 2**24 weights in one cell.
     ones = torch.ones((), dtype=torch.float32, device=idx.device).expand(idx.numel())
-    return torch.zeros(nodes, dtype=torch.float32, device=idx.device).index_add_(0, idx, ones)
+    return torch.zeros(cells, dtype=torch.float32, device=idx.device).index_add_(0, idx, ones)
 
 
 @dataclass(frozen=True)
 class _Grid:
-    """``nodes`` points ``lo + g * step`` spanning the weights and each weight's nearest node
-    (``idx``, int32, one tensor per weight tensor). ``lo`` and ``step`` are floats on the host
-    path, 0-d tensors on the device path."""
+    """``nodes`` points ``lo + g * step``, each node's interval ``+- step / 2`` tiled by ``sub``
+    cells (node g's cells are ``g * sub .. g * sub + sub - 1``). ``lo`` and ``step`` are floats on
+    the host path, 0-d tensors on the device path."""
 
     nodes: int
+    sub: int
     lo: float | Tensor
     step: float | Tensor
-    idx: tuple[Tensor, ...]
+
+    def cells(self, xs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """Each entry's cell (int32; on the host path the map is one pass)."""
+        lo, step, sub = self.lo, self.step, self.sub
+        if not isinstance(step, Tensor):
+            offset = torch.tensor(sub / 2 - lo * sub / step)
+            return tuple(torch.add(offset, x, alpha=sub / step).int() for x in xs)
+        # Clamped: non-finite weights must not index outside the table (they cannot be seen here
+        # without a synchronisation).
+        return tuple(x.sub(lo).mul_(sub / step).add_(sub / 2).nan_to_num_(0.0).clamp_(0, self.nodes * sub - 1).int()
+                     for x in xs)
 
 
-def _grid(xs: tuple[Tensor, ...], logvar: Tensor, host: bool) -> _Grid | None:
-    """The table's nodes for the (non-empty, flat) weights ``xs`` and the components'
-    log-variances ``logvar`` (None for non-finite weights on the host path).
-
-    On the host path (the CPU, where reading the range back is free) the node count is the power
-    of two that spaces the nodes at most ``_SPACING`` of the smallest std apart (within
-    ``[_MIN_NODES, _MAX_NODES]``), and the map to nodes is one pass. The device path reads
-    nothing back (a synchronisation) and uses ``_DEVICE_NODES``.
-    """
+def _ranges(xs: tuple[Tensor, ...], host: bool) -> tuple[float | Tensor, float | Tensor]:
+    """The smallest and largest of all ``xs`` (floats on the host path: read back for free)."""
     ranges = [torch.aminmax(x) for x in xs]
     if host:
-        lo, hi = min(float(r[0]) for r in ranges), max(float(r[1]) for r in ranges)
-        if not math.isfinite(hi - lo):
-            return None
-        # The floor relative to the weights' magnitude keeps the rounding of x * inv within a
-        # fraction of a node spacing.
-        span = max(hi - lo, 1e-3 * max(abs(lo), abs(hi)), 1e-30)
-        want = span / (_SPACING * math.exp(0.5 * float(logvar.min()))) + 1
-        nodes = _MAX_NODES if not want < _MAX_NODES else max(_MIN_NODES, 1 << math.ceil(math.log2(want)))
-        step = span / (nodes - 1)
-        offset = torch.tensor(0.5 - lo / step)  # u = (x - lo) / step + 1/2 >= 0: int() rounds
-        return _Grid(nodes, lo, step, tuple(torch.add(offset, x, alpha=1 / step).int() for x in xs))
-    lo = torch.stack([r[0] for r in ranges]).min()
-    hi = torch.stack([r[1] for r in ranges]).max()
-    nodes = _DEVICE_NODES
-    step = torch.maximum(hi - lo, 1e-3 * torch.maximum(lo.abs(), hi.abs())).clamp_min(1e-30) / (nodes - 1)
-    # Clamped: non-finite weights must not index outside the table (they cannot be seen here
-    # without a synchronisation).
-    idx = tuple(x.sub(lo).div_(step).add_(0.5).clamp_(0, nodes - 1).int() for x in xs)
-    return _Grid(nodes, lo, step, idx)
+        return min(float(r[0]) for r in ranges), max(float(r[1]) for r in ranges)
+    return torch.stack([r[0] for r in ranges]).min(), torch.stack([r[1] for r in ranges]).max()
 
 
-_ARANGE: dict[tuple[int, str], Tensor] = {}
+def _grid(lo: float | Tensor, hi: float | Tensor, logvar: Tensor) -> _Grid | None:
+    """Nodes spanning ``[lo, hi]`` for the components' log-variances ``logvar`` (None for a
+    non-finite range).
+
+    On the host path (floats; the CPU, where reading the range back is free) the node count is
+    the power of two that spaces the nodes at most about ``_SPACING`` of the smallest std apart
+    (within ``[_MIN_NODES, _MAX_NODES]``). The device path reads nothing back (a synchronisation)
+    and uses ``_DEVICE_NODES``.
+    """
+    if isinstance(lo, Tensor) and isinstance(hi, Tensor):
+        span = torch.maximum(hi - lo, 1e-3 * torch.maximum(lo.abs(), hi.abs())).clamp_min(1e-30)
+        return _Grid(_DEVICE_NODES, _SUB, lo, span / (_DEVICE_NODES - 1))
+    assert not isinstance(lo, Tensor) and not isinstance(hi, Tensor)
+    if not math.isfinite(hi - lo):
+        return None
+    # The floor relative to the weights' magnitude keeps the rounding of x * inv within a
+    # fraction of a cell (the cells reach half a node beyond both ends).
+    span = max(hi - lo, 1e-3 * max(abs(lo), abs(hi)), 1e-30)
+    want = span / (_SPACING * math.exp(0.5 * float(logvar.min()))) + 1
+    nodes = _MAX_NODES if not want < _MAX_NODES else max(_MIN_NODES, 1 << math.ceil(math.log2(want)))
+    return _Grid(nodes, _SUB, lo, span / (nodes - 1))
 
 
-def _arange(n: int, device: torch.device) -> Tensor:
-    key = (n, str(device))
-    if key not in _ARANGE:
-        _ARANGE[key] = torch.arange(n, dtype=torch.float32, device=device)
-    return _ARANGE[key]
+_CACHE: dict[tuple[str, int, str], Tensor] = {}
+
+
+def _ramp(n: int, device: torch.device, centred: bool = False) -> Tensor:
+    """``0 .. n-1`` (or centred on 0: the centres of n cells from their node, in cell widths),
+    made once per device."""
+    key = ("centred" if centred else "arange", n, str(device))
+    if key not in _CACHE:
+        _CACHE[key] = (torch.arange(n, dtype=torch.float32) - ((n - 1) / 2 if centred else 0.0)).to(device)
+    return _CACHE[key]
 
 
 @dataclass
 class _Table:
-    """One evaluation of ``scale * sum_i f(x_i)``, ``f(x) = -log p(x)``, over flat weights (see
-    :func:`_table`): the loss, its gradients by ``mu``, ``logvar`` and ``logpi`` (each (k,)), each
-    weight's nearest node, and per-node tables: the weights' gradient is
-    ``value[g] + slope[g] * x`` (the expansion of ``scale * f'`` about node g to first order) and
-    ``curve[g]`` is ``scale`` times the responsibility-weighted curvature ``sum_j r_j / var_j``."""
+    """``-sum_i log p(x_i)`` over flat weights (see :func:`_table`), its gradients by ``mu``,
+    ``logvar`` and ``logpi`` (each (k,)) and, per cell, the weights' gradient ``g_cell`` and
+    ``k_cell``, ``max(f'', 0)`` at the cell's node (each empty when not asked for)."""
 
     loss: Tensor
     g_mu: Tensor
     g_logvar: Tensor
     g_logpi: Tensor
-    idx: tuple[Tensor, ...]
-    value: Tensor
-    slope: Tensor
-    curve: Tensor
+    g_cell: Tensor
+    k_cell: Tensor
 
 
-def _table(xs: tuple[Tensor, ...], mu: Tensor, logvar: Tensor, logpi: Tensor, scale: float | Tensor) -> _Table | None:
-    """``scale * -sum_i log p(x_i)`` over the flat weight tensors ``xs`` and what its gradients
-    need, from a table over the weights' range (no autograd; None for non-finite weights).
+def _table(grid: _Grid, cells: tuple[Tensor, ...], mu: Tensor, logvar: Tensor, logpi: Tensor,
+           weights_grad: bool = True, slopes: bool = False) -> _Table:
+    """``-sum_i log p(x_i)`` over the weights in ``cells`` of ``grid`` and its gradients (no
+    autograd).
 
     The per-weight negative log-likelihood ``f(x) = -log sum_j pi_j N(x | mu_j, var_j)`` is a
     function of one variable. It is evaluated exactly (all components), with its first two
-    derivatives, at evenly spaced nodes ``c_g`` spanning ``[min x, max x]`` (:func:`_grid`), and
-    each weight is assigned its nearest node. Then
+    derivatives, at the grid's nodes ``c_g`` (:func:`_grid`), each weight falling in one of the
+    ``sub`` cells that tile its nearest node's interval. Then
 
-    * the weight's gradient is the first-order expansion ``f'(c_g) + f''(c_g) (x - c_g)``, off by
-      about ``f'''`` times half a node spacing squared;
+    * a weight's gradient is ``f'`` at its cell's centre, expanded to first order about the node:
+      ``f'(c_g) + f''(c_g) (centre - c_g)``, off by at most about ``f''`` times half a cell width
+      plus ``f'''`` times half a node spacing squared;
     * the loss and the prior's gradients are sums over the nodes, each weighted by how many
       weights it holds (the weights' first-order terms ``f'(c_g) (x - c_g)`` average out over a
       node).
 
-    Per weight that is a min/max, an affine map, a histogram and look-ups in the node tables:
-    a handful of passes over the weights instead of ~15 over (weights x components), and nothing
-    of size (weights x components) is formed. ``scale`` is folded into the tables (multiplying
-    the weights' gradient by it afterwards would be one more full pass).
+    Per weight that is a min/max, an affine map, a histogram and one table look-up: six passes
+    over the weights instead of ~15 over (weights x components), and nothing of size
+    (weights x components) is formed.
     """
-    # Few kernels: on LeNet-300 each operation on the (k, G) table below costs about as much in
-    # dispatch as in arithmetic.
-    xs = tuple(x.detach().float() for x in xs)
+    nodes, sub = grid.nodes, grid.sub
     mu, logvar = mu.detach().float(), logvar.detach().float()
     inv_var = logvar.neg().exp()
     const = torch.add(logpi.detach().float(), logvar, alpha=-0.5).sub_(0.5 * _LOG_2PI)
-    device = xs[0].device
-    host = device.type == "cpu"
-    grid = _grid(xs, logvar, host)
-    if grid is None:
-        return None
-    nodes = grid.nodes
-    counts = _node_counts(grid.idx[0], nodes)
-    for idx in grid.idx[1:]:
-        counts = counts + _node_counts(idx, nodes)
-    # Weighted by -scale, the loss and the prior's gradients are single products.
-    counts = counts.to(torch.float32).mul_(-scale)
-    if host:
-        c = torch.linspace(grid.lo, grid.lo + (nodes - 1) * grid.step, nodes)
+    device = mu.device
+    counts = _node_counts(cells[0], nodes * sub)
+    for cell in cells[1:]:
+        counts = counts + _node_counts(cell, nodes * sub)
+    # Negated, the loss and the prior's gradients are single products.
+    counts = counts.view(nodes, sub).sum(1, dtype=torch.float32).neg_()
+    if isinstance(grid.step, Tensor):
+        c = _ramp(nodes, device) * grid.step + grid.lo
     else:
-        c = _arange(nodes, device) * grid.step + grid.lo
+        c = torch.linspace(grid.lo, grid.lo + (nodes - 1) * grid.step, nodes, device=device)
     # (k, G): the reductions over the components run along the contiguous nodes.
     d = c - mu[:, None]
     s = d * inv_var[:, None]  # (c - mu) / var
@@ -278,102 +283,110 @@ def _table(xs: tuple[Tensor, ...], mu: Tensor, logvar: Tensor, logpi: Tensor, sc
     r = torch.div(e, z, out=rows[0])
     rs = torch.mul(r, s, out=rows[1])
     rm = torch.addcmul(r, rs, d, value=-1.0, out=rows[2])
-    f1 = rs.sum(0)  # f'
-    f2 = torch.addcmul(inv_var @ rm, f1, f1)  # f'' = sum r / var - sum r s^2 + f'^2
-    curve = inv_var @ r  # sum_j r_j / var_j
-    slope = f2 * scale
+    g_cell = k_cell = counts.new_zeros(0)
+    if weights_grad:
+        f1 = rs.sum(0)  # f'
+        f2 = torch.addcmul(inv_var @ rm, f1, f1)  # f'' = sum r / var - sum r s^2 + f'^2
+        # g_cell[g * sub + j] = f'(c_g) + f''(c_g) * (centre of cell j - c_g)
+        g_cell = torch.addcmul(f1[:, None], f2[:, None], _ramp(sub, device, centred=True) * (grid.step / sub)).view(-1)
+        if slopes:
+            k_cell = f2.clamp_(min=0.0)[:, None].expand(nodes, sub).reshape(-1)
     g = rows.view(3 * e.shape[0], -1) @ counts
     k = e.shape[0]
-    return _Table(
-        loss=torch.dot(counts, top.add_(z.log_())),
-        g_mu=g[k : 2 * k], g_logvar=g[2 * k :].mul_(-0.5), g_logpi=g[:k],
-        idx=grid.idx,
-        value=torch.addcmul(f1 * scale, slope, c, value=-1.0),
-        slope=slope,
-        curve=curve.mul_(scale),
-    )
+    return _Table(torch.dot(counts, top.add_(z.log_())), g[k : 2 * k], g[2 * k :].mul_(-0.5), g[:k], g_cell, k_cell)
+
+
+def _is_one(r: float | Tensor) -> bool:
+    """Whether ``r`` is exactly 1, where that is known for free (not on an accelerator)."""
+    if not isinstance(r, Tensor):
+        return r == 1.0
+    return r.device.type == "cpu" and r.numel() == 1 and float(r) == 1.0
+
+
+def _times(gs: tuple[Tensor, ...], r: float | Tensor) -> tuple[Tensor, ...]:
+    """``gs`` times ``r``. Training adds the loss as it is (``r == 1`` in the backward): then
+    each full pass over the weights' gradients is skipped (on the CPU the check is free; an
+    accelerator would synchronise, so it multiplies)."""
+    return gs if _is_one(r) else tuple(g * r for g in gs)
+
+
+def _lookup(g_cell: Tensor, cells: tuple[Tensor, ...], scale: float | Tensor) -> tuple[Tensor, ...]:
+    """The weights' gradients at ``scale`` (folded into the small per-cell table)."""
+    g_cell = g_cell if _is_one(scale) else g_cell * scale
+    return tuple(g_cell.index_select(0, cell) for cell in cells)
 
 
 class _TableNLL(torch.autograd.Function):
-    """``scale * -sum_i log p(x_i)`` over the flat weight tensors ``xs``, read from
-    :func:`_table` (the gradients are computed in the forward; the backward returns them)."""
+    """``-sum_i log p(x_i)`` over the flat weight tensors ``xs`` from :func:`_table` (the
+    gradients are computed in the forward; the backward returns them)."""
 
     @staticmethod
-    def forward(ctx: Any, mu: Tensor, logvar: Tensor, logpi: Tensor, scale: float | Tensor, *xs: Tensor) -> Tensor:
-        t = _table(xs, mu, logvar, logpi, scale)
-        if t is None:  # what the exact evaluation gives for non-finite weights
-            ctx.g = (torch.full_like(mu, math.nan),) * 3
-            ctx.g_xs = tuple(torch.full_like(x, math.nan) for x in xs)
+    def forward(ctx: Any, mu: Tensor, logvar: Tensor, logpi: Tensor, *xs: Tensor) -> Tensor:
+        xs = tuple(x.detach().float() for x in xs)
+        grid = _grid(*_ranges(xs, xs[0].device.type == "cpu"), logvar.detach())
+        if grid is None:  # non-finite weights: the loss and every gradient are NaN
+            ctx.g, ctx.g_xs = (torch.full_like(mu, math.nan),) * 3, tuple(torch.full_like(x, math.nan) for x in xs)
             return torch.tensor(math.nan)
+        cells = grid.cells(xs)
+        t = _table(grid, cells, mu, logvar, logpi, any(ctx.needs_input_grad[3:]))
         ctx.g = (t.g_mu, t.g_logvar, t.g_logpi)
-        ctx.g_xs = tuple(t.value.index_select(0, i).addcmul_(t.slope.index_select(0, i), x.detach().float())
-                         for i, x in zip(t.idx, xs, strict=True))
+        ctx.g_xs = _lookup(t.g_cell, cells, 1.0) if t.g_cell.numel() else ()
         return t.loss
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         g_xs, ctx.g_xs = ctx.g_xs, ()
-        return (*(g * grad for g in ctx.g), None, *_times(g_xs, grad))
-
-
-def _is_one(r: float | Tensor) -> bool:
-    """Whether ``r`` is exactly 1, where that is known for free (not on an accelerator)."""
-    return r == 1.0 if not isinstance(r, Tensor) else r.device.type == "cpu" and r.numel() == 1 and float(r) == 1.0
-
-
-def _is_zero(r: float | Tensor) -> bool:
-    """Whether ``r`` is 0 (a float; a tensor is taken as non-zero: reading it back would
-    synchronise an accelerator)."""
-    return not isinstance(r, Tensor) and r == 0.0
-
-
-def _times(gs: tuple[Tensor, ...], r: float | Tensor) -> tuple[Tensor, ...]:
-    """``gs`` times ``r``, skipping the full pass over each when ``r`` is 1 (the training case)."""
-    return gs if _is_one(r) else tuple(g.mul_(r) for g in gs)
+        return (*_times(ctx.g, grad), *(_times(g_xs, grad) or (None,) * len(ctx.needs_input_grad[3:])))
 
 
 @dataclass
 class _Held:
-    """The prior's loss and gradients from its last full evaluation (see :meth:`MixturePrior.nll`):
-    the weights' gradient ``a + b * w`` (flat, full size; zero off the masks), the loss and the
-    gradients of its own parameters, all at loss weight ``scale``; ``key`` identifies the
-    weights."""
+    """A full evaluation of a :class:`MixturePrior` (at loss weight 1) that later steps reuse:
+    each weight's gradient linearised about its value then, ``a + b * w`` (flat, full size, zero
+    off the masks), the loss and the gradients of the prior's parameters (means, log-variances,
+    logits). ``key`` identifies the weights it was made for."""
 
     key: tuple[Any, ...]
     a: list[Tensor]
     b: list[Tensor]
     loss: Tensor
-    grads: tuple[Tensor | None, ...]
-    scale: float | Tensor
+    grads: tuple[Tensor, Tensor, Tensor]
 
 
 class _HeldNLL(torch.autograd.Function):
-    """The prior's loss at ``ratio`` times the loss weight of its last full evaluation ``held``:
-    the held loss and parameters' gradients, and the weights' gradient ``a + b * w`` at the
-    current weights ``ws`` (all times ``ratio``)."""
+    """``scale`` times the held evaluation ``held`` of a :class:`MixturePrior` at the current
+    weights ``ws`` (flat, full size): their gradients ``a + b * w``, the loss and the gradients of
+    the prior's parameters (``means``, ``logvars``, ``logits``) as held."""
 
     @staticmethod
-    def forward(ctx: Any, held: _Held, ratio: float | Tensor, means: Tensor, logvars: Tensor, logits: Tensor,
+    def forward(ctx: Any, held: _Held, scale: float | Tensor, means: Tensor, logvars: Tensor, logits: Tensor,
                 *ws: Tensor) -> Tensor:
-        ctx.held, ctx.ratio, ctx.ws = held, ratio, tuple(w.detach() for w in ws)
-        return held.loss * ratio
+        ctx.held, ctx.scale, ctx.ws = held, scale, tuple(w.detach() for w in ws)
+        return held.loss * scale
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         held, ws = ctx.held, ctx.ws
-        r = ctx.ratio * grad if not _is_one(ctx.ratio) else grad
+        r = grad if _is_one(ctx.scale) else ctx.scale * grad
         g_ws = _times(tuple(torch.addcmul(a, b, w) for a, b, w in zip(held.a, held.b, ws, strict=True)), r)
-        return (None, None, *(None if g is None else g * r for g in held.grads), *g_ws)
+        return (None, None, *_times(held.grads, r), *g_ws)
+
+
+def _nonempty(xs: list[Tensor]) -> list[Tensor]:
+    """The non-empty ``xs``; on an accelerator as one flat copy (cheaper there than a handful of
+    kernels per layer; on the CPU the copy and its gradient's would be two more passes)."""
+    xs = [x for x in xs if x.numel()]
+    return [torch.cat(xs)] if len(xs) > 1 and xs[0].device.type != "cpu" else xs
 
 
 def _nll(xs: list[Tensor], mu: Tensor, logvar: Tensor, logpi: Tensor, chunk: int | None, table: bool) -> Tensor:
     """The summed NLL of the flat weight tensors ``xs``: from the table, or exact (small inputs, or
     ``table=False``)."""
-    xs = [x for x in xs if x.numel()]
+    xs = _nonempty(xs)
     if not xs:
         return mu.new_zeros(())
     if table and sum(x.numel() for x in xs) > _EXACT_BELOW:
-        return _TableNLL.apply(mu, logvar, logpi, 1.0, *xs)
+        return _TableNLL.apply(mu, logvar, logpi, *xs)
     x = xs[0] if len(xs) == 1 else torch.cat(xs)
     return _MixtureNLL.apply(x, mu, logvar, logpi, _chunk_size(mu.numel(), chunk))
 
@@ -390,9 +403,9 @@ def mixture_nll(w: Tensor, mu: Tensor, logvar: Tensor, logpi: Tensor, mask: Tens
     (k,)).
 
     With ``table`` and more than 8192 entries it is read from a table over their range
-    (:func:`_table`: the loss and all gradients within about 1% of the exact ones, typically
-    0.1%); otherwise it is exact, evaluated ``chunk`` weights at a time (default: about 2M
-    weight-component pairs)."""
+    (:func:`_table`: the weights' gradients within about 1% of the exact ones, the loss and the
+    prior's gradients closer); otherwise it is exact, evaluated ``chunk`` weights at a time
+    (default: about 2M weight-component pairs)."""
     return _nll([_kept_flat(w, mask)], mu, logvar, logpi, chunk, table)
 
 
@@ -454,63 +467,77 @@ class MixturePrior(nn.Module):
     def components(self) -> tuple[Tensor, Tensor, Tensor]:
         """Means, log-variances and log mixing weights of all components in weight units (each
         (k,), component 0 the zero component), differentiable w.r.t. the parameters."""
-        zero = self.means.new_zeros(1)
-        mu = torch.cat([zero, self.means]) * self.scale
-        lv = self.logvars.clamp(2 * math.log(_MIN_STD), 2 * math.log(_MAX_STD)) + 2 * math.log(self.scale)
-        logpi = torch.cat([zero + math.log(self.pi_zero),
-                           math.log1p(-self.pi_zero) + torch.log_softmax(self.logits, 0)])
+        return self.formulas(self.means, self.logvars, self.logits, self.pi_zero, self.scale)
+
+    @staticmethod
+    def formulas(means: Tensor, logvars: Tensor, logits: Tensor, pi_zero: float, s: float) -> tuple[Tensor, Tensor, Tensor]:
+        """The components from the parameters (see :meth:`components`)."""
+        zero = means.new_zeros(1)
+        mu = torch.cat([zero, means]) * s
+        lv = logvars.clamp(2 * math.log(_MIN_STD), 2 * math.log(_MAX_STD)) + 2 * math.log(s)
+        logpi = torch.cat([zero + math.log(pi_zero), math.log1p(-pi_zero) + torch.log_softmax(logits, 0)])
         return mu, lv, logpi
+
+    @staticmethod
+    def formulas_backward(g_mu: Tensor, g_lv: Tensor, g_logpi: Tensor, logvars: Tensor, logits: Tensor,
+                          s: float) -> tuple[Tensor, Tensor, Tensor]:
+        """The gradients of the parameters (means, log-variances, logits) from those of the
+        components, through :meth:`formulas` (what autograd would give)."""
+        inside = (logvars >= 2 * math.log(_MIN_STD)) & (logvars <= 2 * math.log(_MAX_STD))
+        g = g_logpi[1:]
+        return g_mu[1:] * s, g_lv * inside, g - torch.softmax(logits, 0) * g.sum()
 
     def nll(self, weights: list[tuple[Tensor, Tensor | None]], chunk: int | None = None,
             table: bool = True, scale: float | Tensor = 1.0, reuse: bool = False) -> Tensor:
         """``scale`` times the summed negative log-likelihood of the kept entries of every
         ``(weight, mask)``.
 
-        With ``table`` and more than 8192 weights in all it is read from a table (:func:`_table`)
-        and the evaluation is held. With ``reuse``, while the same weight tensors and masks come
-        back, the held evaluation answers instead of a new one: the loss and the prior's
-        gradients as they were, and each weight's gradient linearised about its value ``x0`` at
-        the evaluation, ``f'(x0) + (w - x0) sum_j r_j(x0) / var_j`` (the curvature of the
-        components it belongs to: exact inside a component, never negative between two), all
-        rescaled to ``scale``. Otherwise, or without ``table``, it is exact (chunked).
+        With ``table`` and more than 8192 of them it is read from a table (:func:`_table`) and
+        the evaluation is held. With ``reuse``, while the same weight tensors and masks come
+        back, the held evaluation answers instead of a new one: the loss and the gradients of the
+        prior's parameters as they were, and each weight's gradient linearised about its value
+        ``x0`` then, ``f'(x0) + max(f''(x0), 0) (w - x0)`` (exact inside a component, where
+        ``f`` is quadratic; where two overlap and ``f''`` is negative, the pull held rather
+        than extrapolated), all at the current ``scale``. Otherwise it is exact (chunked).
         """
-        if not table or sum(w.numel() for w, _ in weights) <= _EXACT_BELOW:
-            mu, lv, logpi = self.components()
-            return _nll([_kept_flat(w, mask) for w, mask in weights], mu, lv, logpi, chunk, False) * scale
-        key = tuple((id(w), w.shape, str(w.device), None if m is None else (id(m), m._version)) for w, m in weights)
+        key = tuple((id(w), w.shape, w.device, None if m is None else (id(m), m._version)) for w, m in weights)
         held = self._held
-        if not (reuse and held is not None and held.key == key and not _is_zero(held.scale)):
-            held = self._held = self._evaluate(weights, key, scale)
+        if not (table and reuse and held is not None and held.key == key):
+            kept = [_kept_flat(w, mask) for w, mask in weights]
+            if not table or sum(x.numel() for x in kept) <= _EXACT_BELOW:
+                mu, lv, logpi = self.components()
+                return _nll(kept, mu, lv, logpi, chunk, False) * scale
+            held = self._held = self._evaluate(weights, key)
             if held is None:  # non-finite weights: what the exact evaluation gives
                 return self.nll(weights, chunk, table=False, scale=scale)
-        ratio = 1.0 if scale is held.scale else scale / held.scale
-        return _HeldNLL.apply(held, ratio, self.means, self.logvars, self.logits, *(w.reshape(-1) for w, _ in weights))
+        return _HeldNLL.apply(held, scale, self.means, self.logvars, self.logits, *(w.reshape(-1) for w, _ in weights))
 
-    def _evaluate(self, weights: list[tuple[Tensor, Tensor | None]], key: tuple[Any, ...],
-                  scale: float | Tensor) -> _Held | None:
+    def _evaluate(self, weights: list[tuple[Tensor, Tensor | None]], key: tuple[Any, ...]) -> _Held | None:
         """A full evaluation from the table, for :meth:`nll` to hold (None: non-finite weights)."""
-        kept = [_kept_flat(w.detach(), mask) for w, mask in weights]
-        with torch.enable_grad():
+        kept = [_kept_flat(w.detach(), mask).float() for w, mask in weights]
+        xs = tuple(x for x in kept if x.numel())
+        with torch.no_grad():
             mu, lv, logpi = self.components()
-        t = _table(tuple(x for x in kept if x.numel()), mu, lv, logpi, scale)
-        if t is None:
+        grid = _grid(*_ranges(xs, xs[0].device.type == "cpu"), lv)
+        if grid is None:
             return None
-        params = [p for p in (self.means, self.logvars, self.logits) if p.requires_grad]
-        found = dict(zip(map(id, params), torch.autograd.grad(
-            (mu, lv, logpi), params, (t.g_mu, t.g_logvar, t.g_logpi), allow_unused=True), strict=True)) if params else {}
-        grads = tuple(found.get(id(p)) for p in (self.means, self.logvars, self.logits))
-        drift = t.slope - t.curve  # the value at x0 from f'' (exact to second order), the slope from curve
-        a, b, idx = [], [], iter(t.idx)
+        cells = grid.cells(xs)
+        t = _table(grid, cells, mu, lv, logpi, slopes=True)
+        grads = self.formulas_backward(t.g_mu, t.g_logvar, t.g_logpi, self.logvars.detach(), self.logits.detach(),
+                                       self.scale)
+        a, b, each = [], [], iter(cells)
         for (w, mask), x in zip(weights, kept, strict=True):
-            i = next(idx) if x.numel() else None
-            ax = t.value.index_select(0, i).addcmul_(drift.index_select(0, i), x) if i is not None else x
-            bx = t.curve.index_select(0, i) if i is not None else x
+            ax = bx = x
+            if x.numel():
+                cell = next(each)
+                bx = t.k_cell.index_select(0, cell)
+                ax = torch.addcmul(t.g_cell.index_select(0, cell), bx, x, value=-1.0)  # a + b x0 = f'(x0)
             if mask is not None:  # full size, zero off the mask: the held gradient needs no indexing
                 m = mask.reshape(-1)
                 ax, bx = (torch.zeros(w.numel(), device=w.device).masked_scatter_(m, v) for v in (ax, bx))
             a.append(ax)
             b.append(bx)
-        return _Held(key, a, b, t.loss, grads, scale)
+        return _Held(key, a, b, t.loss, grads)
 
 
 @dataclass(frozen=True)
@@ -656,9 +683,15 @@ class SWSHook(TrainHook):
         if masks:
             n = (n + sum(m.sum() for m in masks)).float().clamp_min(1.0)
         scale = self.tau(step, total_steps) / (n if masks else max(n, 1.0))
-        # A full evaluation every _REFRESH steps, the held (linearised) one in between: on
-        # LeNet-300 a full one costs about as much as the rest of the step (see MixturePrior.nll).
-        return self.state.prior.nll(weights, scale=scale, reuse=step % _REFRESH != 0)
+        # A full evaluation costs about as much as the rest of a LeNet-300 step, so one is reused
+        # for a few steps (MixturePrior.nll): as many as keep the outcome of a fine-tune that
+        # evaluates every step, which takes fewer the faster the prior's parameters move (they
+        # move in proportion to tau and their learning rates; see the module doc).
+        c = self.config
+        speed = c.tau * max(c.lr_means / SWSConfig.lr_means, c.lr_logvar / SWSConfig.lr_logvar,
+                            c.lr_mixing / SWSConfig.lr_mixing)
+        every = max(1, min(_REFRESH, int(_PULL / speed))) if speed > 0 else _REFRESH
+        return self.state.prior.nll(weights, scale=scale, reuse=step % every != 0)
 
 
 def _kept(layer: CConv2d | CLinear) -> np.ndarray:

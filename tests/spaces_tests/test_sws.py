@@ -108,30 +108,31 @@ def _loss_and_grads(fn, w0, params0, *args, dtype=torch.float32, **kw):  # noqa:
     return loss.detach().double(), w.grad.double(), [p.grad.double() for p in params]
 
 
-def _assert_close_to_reference(got, ref, grad_tol: float = 1e-2) -> None:  # noqa: ANN001
-    """Loss within 1e-4; the weights' gradients within ``grad_tol`` of the largest (and 5e-3 in
-    norm); the prior's gradients within ``grad_tol`` in norm."""
+def _assert_close_to_reference(got, ref, n: int) -> None:  # noqa: ANN001
+    """What the table promises against the exact values: the loss within 1e-3 nats per weight;
+    the weights' gradients within 2% of the largest one (1% in norm); the prior's within 1% in
+    norm."""
     (loss, gw, gp), (ref_loss, ref_gw, ref_gp) = got, ref
-    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-4)
-    assert (gw - ref_gw).abs().max() <= grad_tol * ref_gw.abs().max()
-    assert (gw - ref_gw).norm() <= 5e-3 * ref_gw.norm()
+    assert abs(loss.item() - ref_loss.item()) <= 1e-3 * n
+    assert (gw - ref_gw).abs().max() <= 2e-2 * ref_gw.abs().max()
+    assert (gw - ref_gw).norm() <= 1e-2 * ref_gw.norm()
     for a, b in zip(gp, ref_gp, strict=True):
-        assert (a - b).norm() <= grad_tol * b.norm()
+        assert (a - b).norm() <= 1e-2 * b.norm()
 
 
 @pytest.mark.parametrize(("k", "masked"), [(4, False), (16, False), (16, True), (64, False)])
 def test_table_loss_and_gradients_match_the_exact_ones(k: int, masked: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Enough weights for the table (more than 4 per node): the training path on any real layer.
+    # More weights than the exact evaluation takes: the training path on any real layer.
     w0 = _weights((250, 200))
     mask = (torch.rand(w0.shape, generator=torch.Generator().manual_seed(4)) > 0.3) if masked else None
     params0 = _fitted(w0 if mask is None else w0[mask], k)
     calls = []
-    apply = sws._GridNLL.apply
-    monkeypatch.setattr(sws._GridNLL, "apply", lambda *a: calls.append(1) or apply(*a))
+    apply = sws._TableNLL.apply
+    monkeypatch.setattr(sws._TableNLL, "apply", lambda *a: calls.append(1) or apply(*a))
     got = _loss_and_grads(mixture_nll, w0, params0, mask)
     assert calls, "the table was not used"
     ref = _loss_and_grads(mixture_nll_reference, w0, params0, mask, dtype=torch.float64)
-    _assert_close_to_reference(got, ref)
+    _assert_close_to_reference(got, ref, w0.numel())
     if mask is not None:
         assert (got[1][~mask] == 0).all()
     # table=False is the exact evaluation, whatever the size.
@@ -147,7 +148,77 @@ def test_table_handles_equal_weights_and_far_outliers() -> None:
         got = _loss_and_grads(mixture_nll, w0, params0)
         ref = _loss_and_grads(mixture_nll_reference, w0, params0, dtype=torch.float64)
         assert all(torch.isfinite(t).all() for t in (got[0], got[1], *got[2]))
-        _assert_close_to_reference(got, ref)
+        _assert_close_to_reference(got, ref, w0.numel())
+
+
+def test_non_finite_weights_give_nan_instead_of_an_error() -> None:
+    x = torch.cat([_weights((40_000,)), torch.tensor([math.nan])])
+    loss, gw, gp = _loss_and_grads(mixture_nll, x, _fitted(_weights((1000,)), 8))
+    assert loss.isnan() and gw.isnan().all() and all(g.isnan().all() for g in gp)
+    prior = MixturePrior.fit(_weights((1000,)).numpy(), 8, pi_zero=0.7)
+    assert prior.nll([(x, None)]).isnan()
+
+
+def test_the_table_is_spaced_by_the_smallest_std_and_each_weight_lies_in_its_cell() -> None:
+    x = _weights((40_000,))
+    lo, hi = float(x.min()), float(x.max())
+    for sd in (0.001, 0.01, 1e-6):
+        grid = sws._grid(lo, hi, torch.full((5,), 2 * math.log(sd)))
+        assert grid.nodes & (grid.nodes - 1) == 0 and sws._MIN_NODES <= grid.nodes <= sws._MAX_NODES
+        assert grid.lo == lo and grid.step * (grid.nodes - 1) == pytest.approx(hi - lo)
+        if grid.nodes < sws._MAX_NODES:
+            assert grid.step <= sws._SPACING * sd < 2 * grid.step or grid.nodes == sws._MIN_NODES
+        (cells,) = grid.cells((x,))
+        cell = cells.long()
+        assert cells.dtype == torch.int32 and 0 <= int(cell.min()) and int(cell.max()) < grid.nodes * grid.sub
+        width = grid.step / grid.sub
+        centre = lo + (cell // grid.sub).double() * grid.step + ((cell % grid.sub).double() - (grid.sub - 1) / 2) * width
+        assert ((x.double() - centre).abs() <= 0.5 * width * (1 + 1e-2) + 1e-9).all()
+
+
+def test_device_path_of_the_table_agrees_with_the_host_path() -> None:
+    # What an accelerator runs (the range kept on the device, counts by scatter-add), on the CPU.
+    x = _weights((40_000,))
+    logvar = torch.full((5,), 2 * math.log(0.002))
+    lo, hi = sws._ranges((x,), host=True)
+    lo_t, hi_t = sws._ranges((x,), host=False)
+    assert (lo_t.item(), hi_t.item()) == (lo, hi)
+    host, device = sws._grid(lo, hi, logvar), sws._grid(lo_t, hi_t, logvar)
+    assert device.nodes == sws._DEVICE_NODES and device.lo.item() == lo
+    (cells,) = host.cells((x,))
+    n = host.nodes * host.sub
+    assert torch.equal(sws._node_counts(cells, n).float(), sws._node_counts(cells, n, scatter=True))
+    (cells_t,) = device.cells((torch.cat([x, torch.tensor([math.nan, math.inf])]),))
+    assert cells_t.min() >= 0 and cells_t.max() < device.nodes * device.sub
+    assert sws._grid(0.0, math.nan, logvar) is None
+
+
+def test_prior_parameters_gradients_by_hand_equal_autograds() -> None:
+    gen = torch.Generator().manual_seed(5)
+    means, logits = torch.randn(7, generator=gen), torch.randn(7, generator=gen)
+    logvars = torch.tensor([-7.0, -5.0, -3.0, -1.0, 0.0, 0.5, -6.5, -2.0])  # some beyond the clamp
+    params = [t.clone().requires_grad_() for t in (means, logvars, logits)]
+    outs = MixturePrior.formulas(*params, 0.8, 0.03)
+    upstream = [torch.randn(8, generator=gen) for _ in range(3)]
+    torch.autograd.backward(outs, upstream)
+    by_hand = MixturePrior.formulas_backward(*upstream, logvars, logits, 0.03)
+    for p, g in zip(params, by_hand, strict=True):
+        assert torch.allclose(p.grad, g, atol=1e-6)
+
+
+def test_prior_nll_matches_the_exact_one_with_the_prior_parameters_gradients() -> None:
+    w0 = _weights((200, 150))
+    prior = MixturePrior.fit(w0.flatten().numpy(), 16, pi_zero=0.7)
+    w = w0.clone().requires_grad_()
+    prior.nll([(w, None)]).backward()
+    got = [p.grad.clone() for p in prior.parameters()]
+    prior.zero_grad()
+    w_ref = w0.double().requires_grad_()
+    mu, lv, logpi = (t.double() for t in prior.components())
+    mixture_nll_reference(w_ref, mu, lv, logpi).backward()
+    assert (w.grad.double() - w_ref.grad).abs().max() <= 2e-2 * w_ref.grad.abs().max()
+    for a, b in zip(got, (p.grad for p in prior.parameters()), strict=True):
+        assert (a.double() - b.double()).norm() <= 1e-2 * b.double().norm()
 
 
 def test_the_loss_weight_is_folded_into_the_table_and_any_upstream_gradient_is_applied() -> None:
@@ -170,35 +241,57 @@ def test_the_loss_weight_is_folded_into_the_table_and_any_upstream_gradient_is_a
             assert torch.allclose(a, scale * upstream * b, rtol=1e-4, atol=1e-6)
 
 
-def test_the_table_is_spaced_by_the_smallest_std_and_each_weight_lies_in_its_cell() -> None:
-    x = _weights((40_000,))
-    span = float(x.max() - x.min())
-    for sd in (0.001, 0.01, 1e-6):
-        grid = sws._grid((x,), torch.full((5,), 2 * math.log(sd)), host=True)
-        assert grid.nodes & (grid.nodes - 1) == 0 and sws._MIN_NODES <= grid.nodes <= sws._MAX_NODES
-        assert grid.lo == x.min().item() and grid.step * (grid.nodes - 1) == pytest.approx(span)
-        if grid.nodes < sws._MAX_NODES:
-            assert grid.step <= sws._SPACING * sd < 2 * grid.step or grid.nodes == sws._MIN_NODES
-        cell = grid.cells[0].long()
-        assert grid.cells[0].dtype == torch.int32 and 0 <= int(cell.min()) and int(cell.max()) < grid.nodes * grid.sub
-        width = grid.step / grid.sub
-        centre = grid.lo + (cell // grid.sub).double() * grid.step + ((cell % grid.sub).double() - (grid.sub - 1) / 2) * width
-        assert ((x.double() - centre).abs() <= 0.5 * width * (1 + 1e-2) + 1e-9).all()
+def test_a_reused_evaluation_linearises_the_weights_gradient_and_holds_the_rest() -> None:
+    layer = nn.Linear(200, 150)
+    with torch.no_grad():
+        layer.weight.copy_(_weights((150, 200)))
+    w = layer.weight
+    prior = MixturePrior.fit(w.detach().flatten().numpy(), 16, pi_zero=0.7)
+
+    def step(reuse: bool, scale: float = 1.0, mask: torch.Tensor | None = None):  # noqa: ANN202
+        w.grad = None
+        prior.zero_grad()
+        loss = prior.nll([(w, mask)], scale=scale, reuse=reuse)
+        loss.backward()
+        return loss.detach(), w.grad.clone(), [p.grad.clone() for p in prior.parameters()]
+
+    loss0, g0, p0 = step(reuse=False)
+    w0 = w.detach().clone()
+    sd = float(torch.exp(0.5 * prior.components()[1].detach().min()))
+    with torch.no_grad():  # what an optimizer step does: in place
+        w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(6)) * 0.05 * sd)
+    loss1, g1, p1 = step(reuse=True, scale=0.5)
+    # Held: the loss and the prior's gradients (at the new loss weight).
+    assert loss1.item() == pytest.approx(0.5 * loss0.item()) and all(torch.equal(a, 0.5 * b) for a, b in zip(p1, p0, strict=True))
+    # Linear in the weights with a slope >= 0, and still close to the exact gradient after a small move.
+    slope = (2 * g1 - g0) / (w.detach() - w0)
+    assert (slope[(w.detach() - w0).abs() > 1e-3 * sd] >= -1e-3 * slope.abs().max()).all()
+    mu, lv, logpi = (t.detach().double() for t in prior.components())
+    w_ref = w.detach().double().requires_grad_()
+    mixture_nll_reference(w_ref, mu, lv, logpi).backward()
+    linearised, held = (2 * g1.double() - w_ref.grad).norm(), (g0.double() - w_ref.grad).norm()
+    assert linearised < held and linearised <= 0.1 * w_ref.grad.norm()
+    # A new evaluation whenever it is not asked to reuse, or the weights or masks are others.
+    fresh = step(reuse=False)
+    mask = torch.ones(w.shape, dtype=torch.bool)
+    mask[:10] = False
+    masked = step(reuse=True, mask=mask)
+    assert masked[0].item() != fresh[0].item() and (masked[1][:10] == 0).all()
 
 
-def test_device_path_of_the_table_agrees_with_the_host_path() -> None:
-    # What an accelerator runs (range kept on the device, counts by scatter-add), here on the CPU.
-    x = _weights((40_000,))
-    logvar = torch.full((5,), 2 * math.log(0.002))
-    params0 = _fitted(x, 8)
-    host, device = sws._grid((x,), logvar, host=True), sws._grid((x,), logvar, host=False)
-    assert device.nodes == sws._DEVICE_NODES and device.lo.item() == host.lo
-    cells = host.nodes * host.sub
-    assert torch.equal(sws._node_counts(host.cells[0], cells).float(), sws._node_counts(host.cells[0], cells, scatter=True))
-    assert device.cells[0].min() >= 0 and device.cells[0].max() < device.nodes * device.sub
-    assert sws._grid((torch.tensor([0.0, math.nan, 1.0]),), logvar, host=True) is None
-    nan = _loss_and_grads(mixture_nll, torch.cat([x, torch.tensor([math.nan])]), params0)
-    assert nan[0].isnan() and nan[1].isnan().all()
+def test_hook_reevaluates_the_prior_the_more_often_the_faster_it_moves(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    evaluate = MixturePrior._evaluate
+    monkeypatch.setattr(MixturePrior, "_evaluate", lambda self, *a: calls.append(1) or evaluate(self, *a))
+    counts = {}
+    for tau in (3.0, 10.0, 30.0):
+        model, applied = _applied(SWSConfig(components=8, tau=tau, warmup=0.0))
+        (hook,) = applied.hooks
+        calls.clear()
+        for step in range(16):
+            hook.loss(model, step, 16).backward()
+        counts[tau] = len(calls)
+    assert counts == {3.0: 2, 10.0: 8, 30.0: 16}
 
 
 def test_hook_loss_is_tau_times_the_mean_nll_over_the_kept_weights() -> None:
@@ -215,9 +308,9 @@ def test_hook_loss_is_tau_times_the_mean_nll_over_the_kept_weights() -> None:
     n = w1.numel() + int(mask.sum())
     ref = 2.0 * (mixture_nll_reference(w1, mu, lv, logpi) + mixture_nll_reference(w2, mu, lv, logpi, mask)) / n
     ref.backward()
-    assert loss.item() == pytest.approx(ref.item(), rel=1e-4)
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-3)
     for got, want in ((model.fc1.weight.grad, w1.grad), (model.fc2.weight.grad, w2.grad)):
-        assert (got.double() - want).abs().max() <= 1e-2 * want.abs().max()
+        assert (got.double() - want).abs().max() <= 2e-2 * want.abs().max()
     assert (model.fc2.weight.grad[~mask] == 0).all()
 
 

@@ -46,7 +46,7 @@ MALFORMED: list[tuple[object, str]] = [
     ({"steps": [], "version": "1"}, 'version: expected int, got "1"'),
     ({"steps": ["int"]}, 'steps[0]: expected an object {"technique": ..., "config": {...}}, got "int"'),
     ({"steps": [{"technique": 3}]}, "steps[0].technique: expected str, got 3"),
-    ({"steps": [{"technique": "int", "cfg": {}}]}, "steps[0].cfg: unknown key; known: config, technique"),
+    ({"steps": [{"technique": "int", "cfg": {}}]}, "steps[0].cfg: unknown key; known: config, layers, technique"),
     ({"steps": [{"technique": "int", "config": {"bitz": 4}}]}, "steps[0].config.bitz: unknown key; known: bits, "),
     ({"steps": [{"technique": "int", "config": {"bits": True}}]}, "steps[0].config.bits: expected int, got true"),
     ({"steps": [{"technique": "int", "config": {"symmetric": 1}}]}, "steps[0].config.symmetric: expected bool, got 1"),
