@@ -323,12 +323,15 @@ class CodebookState:
             steps -> the step after which the hook fits the codebooks. None: fitted at ``apply``.
         fitted: The mask each layer had at its codebook's fit (None: unmasked), by path; a layer
             not in it has no codebook yet and trains in full precision.
+        configs: Each codebook's config by key: the step's, with the layer's per-layer
+            overrides (its own ``clusters``) for a per-layer codebook.
     """
 
     groups: dict[str, tuple[str, ...]]
     centroids: dict[str, nn.Parameter]
     masks_final_step: Callable[[int], int] | None = None
     fitted: dict[str, Tensor | None] = field(default_factory=dict)
+    configs: dict[str, CodebookConfig] = field(default_factory=dict)
 
     def is_fitted(self, key: str) -> bool:
         """Whether the codebook ``key`` is installed in its layers."""
@@ -358,6 +361,7 @@ def layer_at(model: nn.Module, path: str) -> CConv2d | CLinear:
 def fit_codebook(model: nn.Module, config: CodebookConfig, state: CodebookState, key: str) -> None:
     """Fit the codebook ``key`` to the kept weights of its layers and install it in them."""
     paths = state.groups[key]
+    config = state.configs.get(key, config)
     layers = [(p, layer_at(model, p)) for p in paths]
     if key == GLOBAL_SHARE:
         reprs = global_codebooks(layers, config, centroids=state.centroids[key])
@@ -422,25 +426,33 @@ class Codebook(Technique[CodebookConfig, CodebookState]):
             eps = trial.suggest_float(f"{prefix}.dbscan_eps", 0.005, 1.0, log=True)
         return CodebookConfig(method=method, clusters=clusters, scope=scope, dbscan_eps=eps)
 
+    def per_layer(self, config: CodebookConfig) -> tuple[str, ...]:
+        """A per-layer codebook may have its own number of entries."""
+        return ("clusters",) if config.scope == "layer" else ()
+
     def apply(self, model: nn.Module, config: CodebookConfig, ctx: ApplyContext) -> CodebookState:
         """Protect the layers the policy protects (int8 if k < 256) and fit codebooks to the
         others' kept weights, now or, when an earlier step's masks keep changing
-        (``ctx.masks_final_step``), once they are final (:class:`CodebookHook`)."""
-        protected = ctx.policy.protected_paths(model) if index_bits(config.clusters) < PROTECTED_BITS else set()
-        paths = []
+        (``ctx.masks_final_step``), once they are final (:class:`CodebookHook`). A per-layer
+        codebook takes the layer's own ``clusters`` where the step overrides it."""
+        protected = ctx.policy.protected_paths(model)
+        paths, configs = [], {}
         for path, layer in compressed_layers(model):
-            if path in protected:
+            c = ctx.config_at(config, path)
+            if path in protected and index_bits(c.clusters) < PROTECTED_BITS:
                 protect(layer)
             else:
                 paths.append(path)
+                configs[path] = c
         groups: dict[str, tuple[str, ...]] = {p: (p,) for p in paths}
         if config.scope == "global":
             groups = {GLOBAL_SHARE: tuple(paths)} if paths else {}
+            configs = {GLOBAL_SHARE: config} if paths else {}
         centroids = {
-            key: nn.Parameter(torch.zeros(config.clusters, device=layer_at(model, members[0]).weight.device))
+            key: nn.Parameter(torch.zeros(configs[key].clusters, device=layer_at(model, members[0]).weight.device))
             for key, members in groups.items()
         }
-        state = CodebookState(groups, centroids, ctx.masks_final_step)
+        state = CodebookState(groups, centroids, ctx.masks_final_step, configs=configs)
         if state.masks_final_step is None:
             for key in groups:
                 fit_codebook(model, config, state, key)

@@ -202,6 +202,7 @@ def _hooks(model: nn.Module, plan: Plan, states: tuple[Any, ...]) -> list[TrainH
 def apply_plan(model: nn.Module, plan: Plan, ctx: ApplyContext | None = None) -> AppliedPlan:
     """Apply every step to ``model`` in place (each with its per-layer overrides)."""
     ctx = ctx or ApplyContext(policy=plan.policy)
+    ctx.masks_final_step = None  # set afresh by this plan's own steps (a context may be reused)
     states = []
     for i, step in enumerate(plan.steps):
         _check_layer_paths(model, step, i)

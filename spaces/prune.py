@@ -154,30 +154,50 @@ def masks_final_step(total_steps: int) -> int:
     return schedule_points(total_steps)[0]
 
 
+@dataclass
+class PruneState:
+    """The layers ``apply`` masked: ``shared`` follow the step's sparsity and scope together;
+    each of ``own`` has its own sparsity (a per-layer override), pruned within the layer."""
+
+    shared: list[Masked]
+    own: list[tuple[Masked, float]]
+
+    @property
+    def layers(self) -> list[Masked]:
+        """Every masked layer."""
+        return [*self.shared, *(m for m, _ in self.own)]
+
+    def prune(self, config: PruneConfig, fraction: float = 1.0) -> None:
+        """Reach ``fraction`` of every layer's target sparsity exactly (the gradual schedule's
+        cubic factor is the same for every target)."""
+        prune_to(self.shared, config.sparsity * fraction, config.scope)
+        for layer, sparsity in self.own:
+            prune_to([layer], sparsity * fraction, "layer")
+
+
 class PruneHook(TrainHook):
     """Keeps pruned weights at zero after every step and, for the gradual schedule, raises the
     sparsity of the masked layers along :func:`gradual_sparsity`."""
 
-    def __init__(self, config: PruneConfig) -> None:
-        self.config = config
+    def __init__(self, config: PruneConfig, state: PruneState) -> None:
+        self.config, self.state = config, state
 
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Update masks on schedule (gradual), then re-zero pruned weights."""
-        layers = masked_layers(model)  # looked up each time: robust to later module swaps
         if self.config.schedule == "gradual":
             done = step + 1
             end, interval = schedule_points(total_steps)
             if done <= end and (done % interval == 0 or done == end):
-                prune_to(layers, gradual_sparsity(self.config.sparsity, done, end), self.config.scope)
+                self.state.prune(self.config, gradual_sparsity(1.0, done, end))
                 return  # set_mask already zeroed the pruned weights
-        rezero(layers)
+        rezero(self.state.layers)
 
 
 # -------------------------------------------------------------------------------- technique
 
 
 @register_technique
-class Prune(Technique[PruneConfig, None]):
+class Prune(Technique[PruneConfig, PruneState]):
     """Unstructured magnitude pruning with masks enforced during the fine-tune."""
 
     name = "prune"
@@ -193,31 +213,39 @@ class Prune(Technique[PruneConfig, None]):
             schedule=trial.suggest_categorical(f"{prefix}.schedule", list(SCHEDULES)),
         )
 
-    def apply(self, model: nn.Module, config: PruneConfig, ctx: ApplyContext) -> None:
+    def per_layer(self, config: PruneConfig) -> tuple[str, ...]:
+        """A layer may have its own sparsity (Deep Compression kept 8% of LeNet-300's fc1 but
+        9% and 26% of the others)."""
+        return ("sparsity",)
+
+    def apply(self, model: nn.Module, config: PruneConfig, ctx: ApplyContext) -> PruneState:
         """Mask the eligible layers: at the final sparsity (oneshot) or all-ones (gradual, which
-        sets ``ctx.masks_final_step`` for the steps after it)."""
-        layers = []
+        sets ``ctx.masks_final_step`` for the steps after it). A layer with a per-layer
+        sparsity is pruned to it within the layer; the others share the step's scope."""
+        state = PruneState([], [])
         for path, layer in ctx.policy.eligible(model):
             c = compress_layer(layer)
             if c is not layer:
                 replace_module(model, path, c)
-            layers.append(c)
-        start = config.sparsity if config.schedule == "oneshot" else 0.0
-        prune_to(layers, start, config.scope)
+            if path in ctx.layers:
+                state.own.append((c, ctx.config_at(config, path).sparsity))
+            else:
+                state.shared.append(c)
+        state.prune(config, 1.0 if config.schedule == "oneshot" else 0.0)
         if config.schedule == "gradual":
             ctx.masks_final_step = masks_final_step
+        return state
 
-    def hooks(self, model: nn.Module, config: PruneConfig, state: None) -> list[TrainHook]:
+    def hooks(self, model: nn.Module, config: PruneConfig, state: PruneState) -> list[TrainHook]:
         """One :class:`PruneHook`."""
-        return [PruneHook(config)]
+        return [PruneHook(config, state)]
 
-    def finalize(self, model: nn.Module, config: PruneConfig, state: None) -> None:
+    def finalize(self, model: nn.Module, config: PruneConfig, state: PruneState) -> None:
         """Reach the final sparsity exactly (a gradual fine-tune may have been cut short)."""
-        layers = masked_layers(model)
         if config.schedule == "gradual":
-            prune_to(layers, config.sparsity, config.scope)
+            state.prune(config)
         else:
-            rezero(layers)
+            rezero(state.layers)
 
     def settings(self) -> list[PruneConfig]:
         """Global one-shot at 0.3, 0.5, 0.7, 0.9, 0.95."""

@@ -89,3 +89,13 @@ def test_no_overrides_after_a_structure_step() -> None:
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
     plan = suggest_plan(trial, space, UNPROTECTED, layers=["fc1", "fc2", "fc3"])
     assert plan.steps[0].layers and not plan.steps[1].layers
+
+
+def test_a_per_layer_codebook_takes_the_layer_clusters() -> None:
+    from spaces.codebook import CodebookConfig
+
+    plan = Plan((Step("codebook", CodebookConfig(clusters=16), {"fc2": {"clusters": 4}}),), UNPROTECTED)
+    model = _apply(plan)
+    assert model.fc1.weight_repr.k == 16 and model.fc2.weight_repr.k == 4
+    with pytest.raises(UserError, match="codebook does not set 'clusters' per layer with this config"):
+        Step("codebook", CodebookConfig(clusters=16, scope="global"), {"fc2": {"clusters": 4}})

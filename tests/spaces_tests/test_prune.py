@@ -16,6 +16,7 @@ from spaces.policy import LayerPolicy
 from spaces.prune import (
     PruneConfig,
     PruneHook,
+    PruneState,
     gradual_sparsity,
     magnitude_masks,
     masked_layers,
@@ -29,10 +30,14 @@ PRUNE = get_technique("prune")
 
 
 def _pruned(model_name: str, config: PruneConfig, policy: LayerPolicy | None = None) -> nn.Module:
+    return _pruned_with_state(model_name, config, policy)[0]
+
+
+def _pruned_with_state(model_name: str, config: PruneConfig, policy: LayerPolicy | None = None) -> tuple[nn.Module, PruneState]:
     torch.manual_seed(0)
     model = create_model(model_name).eval()
-    PRUNE.apply(model, config, ApplyContext(policy=policy or LayerPolicy()))
-    return model
+    state = PRUNE.apply(model, config, ApplyContext(policy=policy or LayerPolicy()))
+    return model, state
 
 
 def _pruned_count(m: nn.Module) -> int:
@@ -107,13 +112,13 @@ def test_gradual_hook_prunes_on_schedule() -> None:
     config = PruneConfig(sparsity=0.8, schedule="gradual")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    PRUNE.apply(model, config, ApplyContext(policy=LayerPolicy(max_share=1.0)))  # protect both ends
+    state = PRUNE.apply(model, config, ApplyContext(policy=LayerPolicy(max_share=1.0)))  # protect both ends
     layers = masked_layers(model)
     assert len(layers) == 1 and sparsity_of(layers) == 0.0  # all-ones masks right after apply
     total = 100
     end, interval = schedule_points(total)
     assert end == 75 and 1 < interval < end
-    hook, seen = PruneHook(config), []
+    hook, seen = PruneHook(config, state), []
     for step in range(total):
         with torch.no_grad():  # stand-in for training: perturb every weight a little
             for m in layers:
@@ -143,8 +148,8 @@ def test_gradual_apply_tells_later_steps_when_the_masks_are_final() -> None:
 
 def test_finalize_reaches_target_without_finetune() -> None:
     config = PruneConfig(sparsity=0.7, scope="layer", schedule="gradual")
-    model = _pruned("lenet300", config)
-    PRUNE.finalize(model, config, None)
+    model, state = _pruned_with_state("lenet300", config)
+    PRUNE.finalize(model, config, state)
     for m in masked_layers(model):
         assert _pruned_count(m) == round(0.7 * m.weight.numel())
 
@@ -186,3 +191,17 @@ def test_mask_survives_a_later_weight_representation() -> None:
 def test_invalid_config_names_the_value(kwargs: dict, bad: str) -> None:
     with pytest.raises(UserError, match=bad):
         PruneConfig(**kwargs)
+
+
+@pytest.mark.parametrize("schedule", ["oneshot", "gradual"])
+def test_per_layer_sparsity_is_reached_exactly_in_each_overridden_layer(schedule: str) -> None:
+    config = PruneConfig(sparsity=0.5, scope="global", schedule=schedule)
+    plan = Plan((Step("prune", config, {"fc1": {"sparsity": 0.92}, "fc2": {"sparsity": 0.6}}),),
+                LayerPolicy(keep_first=False, keep_last=False))
+    torch.manual_seed(0)
+    model = create_model("lenet300")
+    applied = apply_plan(model, plan)
+    applied.finalize()
+    for name, target in (("fc1", 0.92), ("fc2", 0.6), ("fc3", 0.5)):
+        m = model.get_submodule(name)
+        assert _pruned_count(m) == round(target * m.weight.numel()), name
