@@ -73,8 +73,8 @@ class Step:
             for key in override:
                 if key not in allowed:
                     raise UserError(
-                        f"layers.{path}.{key}: {self.technique} does not set {key!r} per layer"
-                        f"{' with this config' if allowed else ''}; per-layer fields: {', '.join(allowed) or 'none'}"
+                        f"layers.{path}.{key}: {self.technique} does not set {key!r} per layer with this "
+                        f"config; per-layer fields: {', '.join(allowed) or 'none'}"
                     )
             dataclasses.replace(self.config, **override)  # the config's own range checks
 

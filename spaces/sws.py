@@ -324,12 +324,6 @@ def _times(gs: tuple[Tensor, ...], r: float | Tensor) -> tuple[Tensor, ...]:
     return gs if _is_one(r) else tuple(g * r for g in gs)
 
 
-def _lookup(g_cell: Tensor, cells: tuple[Tensor, ...], scale: float | Tensor) -> tuple[Tensor, ...]:
-    """The weights' gradients at ``scale`` (folded into the small per-cell table)."""
-    g_cell = g_cell if _is_one(scale) else g_cell * scale
-    return tuple(g_cell.index_select(0, cell) for cell in cells)
-
-
 class _TableNLL(torch.autograd.Function):
     """``-sum_i log p(x_i)`` over the flat weight tensors ``xs`` from :func:`_table` (the
     gradients are computed in the forward; the backward returns them)."""
@@ -344,7 +338,7 @@ class _TableNLL(torch.autograd.Function):
         cells = grid.cells(xs)
         t = _table(grid, cells, mu, logvar, logpi, any(ctx.needs_input_grad[3:]))
         ctx.g = (t.g_mu, t.g_logvar, t.g_logpi)
-        ctx.g_xs = _lookup(t.g_cell, cells, 1.0) if t.g_cell.numel() else ()
+        ctx.g_xs = tuple(t.g_cell.index_select(0, cell) for cell in cells) if t.g_cell.numel() else ()
         return t.loss
 
     @staticmethod
@@ -355,12 +349,13 @@ class _TableNLL(torch.autograd.Function):
 
 @dataclass
 class _Held:
-    """A full evaluation of a :class:`MixturePrior` (at loss weight 1) that later steps reuse:
-    each weight's gradient linearised about its value then, ``a + b * w`` (flat, full size, zero
-    off the masks), the loss and the gradients of the prior's parameters (means, log-variances,
-    logits). ``key`` identifies the weights it was made for."""
+    """A full evaluation of a :class:`MixturePrior` at loss weight ``scale`` that later steps
+    reuse: each weight's gradient linearised about its value then, ``a + b * w`` (flat, full size,
+    zero off the masks), the loss and the gradients of the prior's parameters (means,
+    log-variances, logits). ``key`` identifies the weights it was made for."""
 
     key: tuple[Any, ...]
+    scale: float | Tensor
     a: list[Tensor]
     b: list[Tensor]
     loss: Tensor
@@ -368,20 +363,21 @@ class _Held:
 
 
 class _HeldNLL(torch.autograd.Function):
-    """``scale`` times the held evaluation ``held`` of a :class:`MixturePrior` at the current
+    """``ratio`` times the held evaluation ``held`` of a :class:`MixturePrior` at the current
     weights ``ws`` (flat, full size): their gradients ``a + b * w``, the loss and the gradients of
     the prior's parameters (``means``, ``logvars``, ``logits``) as held."""
 
     @staticmethod
-    def forward(ctx: Any, held: _Held, scale: float | Tensor, means: Tensor, logvars: Tensor, logits: Tensor,
+    def forward(ctx: Any, held: _Held, ratio: float | Tensor, means: Tensor, logvars: Tensor, logits: Tensor,
                 *ws: Tensor) -> Tensor:
-        ctx.held, ctx.scale, ctx.ws = held, scale, tuple(w.detach() for w in ws)
-        return held.loss * scale
+        ctx.held, ctx.ratio, ctx.ws = held, ratio, tuple(w.detach() for w in ws)
+        return held.loss * ratio
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         held, ws = ctx.held, ctx.ws
-        r = grad if _is_one(ctx.scale) else ctx.scale * grad
+        # The loss weight is folded into the held tables; it changes only during tau's warm-up.
+        r = grad if _is_one(ctx.ratio) else ctx.ratio * grad
         g_ws = _times(tuple(torch.addcmul(a, b, w) for a, b, w in zip(held.a, held.b, ws, strict=True)), r)
         return (None, None, *_times(held.grads, r), *g_ws)
 
@@ -521,13 +517,16 @@ class MixturePrior(nn.Module):
             if not table or sum(x.numel() for x in kept) <= _EXACT_BELOW:
                 mu, lv, logpi = self.components()
                 return _nll(kept, mu, lv, logpi, chunk, False) * scale
-            held = self._held = self._evaluate(weights, key)
+            held = self._held = self._evaluate(weights, key, scale)
             if held is None:  # non-finite weights: what the exact evaluation gives
                 return self.nll(weights, chunk, table=False, scale=scale)
-        return _HeldNLL.apply(held, scale, self.means, self.logvars, self.logits, *(w.reshape(-1) for w, _ in weights))
+        ratio = 1.0 if scale is held.scale else scale / held.scale
+        return _HeldNLL.apply(held, ratio, self.means, self.logvars, self.logits, *(w.reshape(-1) for w, _ in weights))
 
-    def _evaluate(self, weights: list[tuple[Tensor, Tensor | None]], key: tuple[Any, ...]) -> _Held | None:
-        """A full evaluation from the table, for :meth:`nll` to hold (None: non-finite weights)."""
+    def _evaluate(self, weights: list[tuple[Tensor, Tensor | None]], key: tuple[Any, ...],
+                  scale: float | Tensor) -> _Held | None:
+        """A full evaluation at loss weight ``scale`` from the table, for :meth:`nll` to hold (None:
+        non-finite weights)."""
         kept = [_kept_flat(w.detach(), mask).float() for w, mask in weights]
         xs = tuple(x for x in kept if x.numel())
         with torch.no_grad():
@@ -537,21 +536,22 @@ class MixturePrior(nn.Module):
             return None
         cells = grid.cells(xs)
         t = _table(grid, cells, mu, lv, logpi, slopes=True)
-        grads = self.formulas_backward(t.g_mu, t.g_logvar, t.g_logpi, self.logvars.detach(), self.logits.detach(),
-                                       self.scale)
+        grads = self.formulas_backward(t.g_mu * scale, t.g_logvar * scale, t.g_logpi * scale, self.logvars.detach(),
+                                       self.logits.detach(), self.scale)
+        g_cell, k_cell = t.g_cell * scale, t.k_cell * scale
         a, b, each = [], [], iter(cells)
         for (w, mask), x in zip(weights, kept, strict=True):
             ax = bx = x
             if x.numel():
                 cell = next(each)
-                bx = t.k_cell.index_select(0, cell)
-                ax = torch.addcmul(t.g_cell.index_select(0, cell), bx, x, value=-1.0)  # a + b x0 = f'(x0)
+                bx = k_cell.index_select(0, cell)
+                ax = torch.addcmul(g_cell.index_select(0, cell), bx, x, value=-1.0)  # a + b x0 = f'(x0)
             if mask is not None:  # full size, zero off the mask: the held gradient needs no indexing
                 m = mask.reshape(-1)
                 ax, bx = (torch.zeros(w.numel(), device=w.device).masked_scatter_(m, v) for v in (ax, bx))
             a.append(ax)
             b.append(bx)
-        return _Held(key, a, b, t.loss, grads)
+        return _Held(key, scale, a, b, t.loss * scale, grads)
 
 
 @dataclass(frozen=True)
