@@ -24,8 +24,9 @@ layer reads at least 8-bit inputs (int8 where the plan says int4).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import optuna
@@ -38,7 +39,7 @@ from spaces.policy import PROTECTED_BITS
 from spaces.registry import ApplyContext, Technique, TechniqueConfig, check, register_technique
 from spaces.represent import compressed_layers
 
-FORMATS: dict[str, int] = {"int8": 8, "int4": 4, "fp8": 8}  # format -> bits per activation
+FORMATS: Mapping[str, int] = MappingProxyType({"int8": 8, "int4": 4, "fp8": 8})  # format -> bits per activation
 _FP8_DTYPE = torch.float8_e4m3fn
 _FP8_MAX = float(torch.finfo(_FP8_DTYPE).max)  # 448
 

@@ -12,7 +12,9 @@ config's format.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import optuna
@@ -24,11 +26,11 @@ from spaces.registry import ApplyContext, Technique, TechniqueConfig, check, reg
 from spaces.represent import set_weight_repr, snap_weights
 
 # format -> (stream storage dtype, torch dtype, largest finite value or None for unscaled, bits)
-FORMATS: dict[str, tuple[str, torch.dtype, float | None, int]] = {
+FORMATS: Mapping[str, tuple[str, torch.dtype, float | None, int]] = MappingProxyType({
     "fp16": ("f16", torch.float16, None, 16),
     "fp8_e4m3": ("f8e4m3", torch.float8_e4m3fn, 448.0, 8),
     "fp8_e5m2": ("f8e5m2", torch.float8_e5m2, 57344.0, 8),
-}
+})
 
 
 def _round_to(x: Tensor, dtype: torch.dtype) -> Tensor:

@@ -17,8 +17,9 @@ described as JSON (``layer_spec``) and rebuilt from it (``build_layer``): no pic
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar, cast
 
 import torch
@@ -27,12 +28,12 @@ from torch import Tensor, nn
 
 from models.errors import UnknownNameError
 
-FLOAT_DTYPES: dict[str, torch.dtype] = {
+FLOAT_DTYPES: Mapping[str, torch.dtype] = MappingProxyType({
     "f32": torch.float32,
     "f16": torch.float16,
     "f8e4m3": torch.float8_e4m3fn,
     "f8e5m2": torch.float8_e5m2,
-}
+})
 
 
 @dataclass

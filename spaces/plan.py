@@ -21,6 +21,7 @@ import itertools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from types import MappingProxyType
 from typing import Any
 
 import optuna
@@ -495,7 +496,7 @@ def suggest_plan(
     return Plan(tuple(steps), policy or LayerPolicy(), suggest_finetune(trial, finetune_space or {}))
 
 
-_FINETUNE_LOG = {"epochs": False, "lr": True, "distill_weight": False, "distill_temperature": True}
+_FINETUNE_LOG = MappingProxyType({"epochs": False, "lr": True, "distill_weight": False, "distill_temperature": True})
 
 
 def suggest_finetune(trial: optuna.Trial, space: Mapping[str, tuple[float, float]]) -> dict[str, Any]:

@@ -59,13 +59,13 @@ _PASS_MODULES = (
     nn.Hardsigmoid, nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
     nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
 )
-_PASS_FUNCTIONS = {
+_PASS_FUNCTIONS = frozenset({
     F.relu, F.relu6, torch.relu, F.gelu, F.silu, F.leaky_relu, F.hardswish, torch.sigmoid,
     torch.tanh, F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
-}
-_PASS_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone"}
-_ELEMENTWISE = {operator.add, operator.iadd, operator.sub, operator.mul, torch.add, torch.sub, torch.mul}
-_ELEMENTWISE_METHODS = {"add", "add_", "sub", "mul"}
+})
+_PASS_METHODS = frozenset({"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone"})
+_ELEMENTWISE = frozenset({operator.add, operator.iadd, operator.sub, operator.mul, torch.add, torch.sub, torch.mul})
+_ELEMENTWISE_METHODS = frozenset({"add", "add_", "sub", "mul"})
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 

@@ -25,7 +25,16 @@ from search import export as export_cli
 from search import refine as refine_cli
 from search import run as run_cli
 from search.progress import front_trials, study_hypervolume
-from search.refine import Round, best_refinements, choose, contributions, final_epochs, rank, schedule, study_hv
+from search.refine import (
+    Round,
+    best_refinements,
+    choose,
+    contributions,
+    final_epochs,
+    rank,
+    schedule,
+    study_hv,
+)
 from search.studies import study_space
 from search.worker import counted
 
@@ -54,7 +63,7 @@ def test_schedule_halves_the_plans_and_grows_the_epochs_to_factor_times_the_pres
     assert final_epochs(5, 4) == 20 and final_epochs(0.5, 4) == 2 and final_epochs(0.01, 4) == 1
     assert schedule(8, 2, 20) == [Round(0, 8, 5), Round(1, 4, 10), Round(2, 2, 20)]
     assert schedule(5, 2, 20) == [Round(0, 5, 10), Round(1, 2, 20)]
-    assert schedule(9, 3, 9) == [Round(0, 9, 1), Round(1, 3, 3)]
+    assert schedule(9, 3, 9) == [Round(0, 9, 3), Round(1, 3, 9)]
     assert schedule(2, 2, 2) == [Round(0, 2, 2)]
     assert schedule(3, 2, 20) == [Round(0, 3, 20)]
     assert schedule(1, 2, 20) == [Round(0, 1, 20)]
