@@ -8,9 +8,10 @@ used only to download, so small files in the real formats load without its check
 
 Names: ``cifar10``, ``cifar100``, ``mnist``, ``fashion-mnist``, ``digits`` (scikit-learn's bundled
 8x8 digits, offline), ``mnist-t10k[:DIR]`` (the official MNIST test set alone, split 8,000/2,000),
-``npz:PATH`` and ``imagefolder:PATH``. ``mnist-t10k`` without ``:DIR`` looks in
-``DATA_DIR/mnist-t10k`` only; ``fashion-mnist`` looks in ``DATA_DIR/FashionMNIST/raw``, then where
-Debian's ``dataset-fashion-mnist`` package installs it (:data:`DEBIAN_FASHION_MNIST`).
+``npz:PATH`` and ``imagefolder:PATH``. Which 2,000 of ``mnist-t10k``'s images are its test split
+depends on the seed (:func:`t10k_split`; seed 0: the last 2,000). ``mnist-t10k`` without ``:DIR``
+looks in ``DATA_DIR/mnist-t10k`` only; ``fashion-mnist`` looks in ``DATA_DIR/FashionMNIST/raw``,
+then where Debian's ``dataset-fashion-mnist`` package installs it (:data:`DEBIAN_FASHION_MNIST`).
 """
 
 from __future__ import annotations
@@ -154,7 +155,9 @@ def load_dataset(
             ``mnist-t10k:DIR``.
         data_dir: Folder holding (or receiving) the downloaded datasets.
         val_fraction: Fraction of the original training set held out for validation, in [0, 0.5].
-        seed: Seeds the validation split (the test split never depends on it).
+        seed: Seeds the validation split. The test split never depends on it, except for
+            ``mnist-t10k``, whose train/test split of the 10,000 images it chooses too
+            (:func:`t10k_split`; seed 0 keeps the last 2,000 as the test split).
         download: Download CIFAR/MNIST through torchvision when their files are absent.
 
     Raises:
@@ -164,7 +167,7 @@ def load_dataset(
     """
     _check_val_fraction(val_fraction)
     data_dir = Path(data_dir).expanduser()
-    canonical, train, test, spec = _load_raw(name, data_dir, download)
+    canonical, train, test, spec = _load_raw(name, data_dir, download, seed)
     x_train, y_train = train
     train_idx, val_idx = split_indices(len(y_train), val_fraction, seed)
     return Splits(
@@ -185,8 +188,9 @@ Pair = tuple[np.ndarray, np.ndarray]
 Raw = tuple[str, Pair, Pair, DataSpec]
 
 
-def _load_raw(name: str, data_dir: Path, download: bool) -> Raw:
-    """Resolve ``name`` and return (canonical name, train pair, test pair, spec)."""
+def _load_raw(name: str, data_dir: Path, download: bool, seed: int = 0) -> Raw:
+    """Resolve ``name`` and return (canonical name, train pair, test pair, spec); ``seed``
+    chooses ``mnist-t10k``'s train/test split."""
     stripped = name.strip()
     prefix, sep, arg = stripped.partition(":")
     prefix = _ALIASES.get(prefix.lower(), prefix.lower())
@@ -198,7 +202,7 @@ def _load_raw(name: str, data_dir: Path, download: bool) -> Raw:
             return _load_npz(path)
         if prefix == "imagefolder":
             return _load_imagefolder(path)
-        return (f"mnist-t10k:{path}", *_load_t10k([path]), _SPECS["mnist-t10k"])
+        return (f"mnist-t10k:{path}", *_load_t10k([path], seed), _SPECS["mnist-t10k"])
     if sep or prefix not in _FIXED:
         raise UnknownNameError("dataset", name, [*_FIXED, *_PATTERNS])
     if prefix == "digits":
@@ -208,7 +212,7 @@ def _load_raw(name: str, data_dir: Path, download: bool) -> Raw:
     if prefix in ("mnist", "fashion-mnist"):
         return (prefix, *_load_mnist(prefix, data_dir, download), _SPECS[prefix])
     # Only --data-dir: any other folder is named explicitly as mnist-t10k:DIR.
-    return ("mnist-t10k", *_load_t10k([data_dir / "mnist-t10k"]), _SPECS["mnist-t10k"])
+    return ("mnist-t10k", *_load_t10k([data_dir / "mnist-t10k"], seed), _SPECS["mnist-t10k"])
 
 
 def _check_val_fraction(val_fraction: float) -> None:
@@ -491,13 +495,34 @@ def _first_with(folders: list[Path], files: tuple[str, ...]) -> Path | None:
     return None
 
 
-def _load_t10k(candidates: list[Path]) -> tuple[Pair, Pair]:
-    """The MNIST test set alone: the first 80% are train (incl. validation), the last 20% test."""
+# Mixed into the seed of the t10k split so that it is not the same stream as the validation split.
+_T10K_SPLIT_STREAM = 0x7410
+
+
+def t10k_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted, disjoint ``(train_idx, test_idx)`` of ``mnist-t10k``'s ``n`` images: ``n // 5``
+    test images (2,000 of the official 10,000).
+
+    Seed 0 is the fixed split every earlier run used (the first 80% train, the last 20% test), so
+    its cached baselines and results stay comparable; any other seed draws the test images at
+    random (``np.random.default_rng((seed, _T10K_SPLIT_STREAM))``), which is what repeating an
+    experiment over several seeds needs: different test sets, not only different validation sets.
+    """
+    n_test = n // 5
+    if seed == 0:
+        return np.arange(n - n_test), np.arange(n - n_test, n)
+    perm = np.random.default_rng((seed, _T10K_SPLIT_STREAM)).permutation(n)
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def _load_t10k(candidates: list[Path], seed: int = 0) -> tuple[Pair, Pair]:
+    """The MNIST test set alone, split 80% train (incl. validation) / 20% test by
+    :func:`t10k_split`."""
     for folder in candidates:
         if all(_find_idx(folder, f) for f in _T10K_FILES):
             x, y = _idx_pair(folder, *_T10K_FILES)
-            n_train = len(y) - len(y) // 5  # 8,000 / 2,000 for the official 10,000 images
-            return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+            train_idx, test_idx = t10k_split(len(y), seed)
+            return (x[train_idx], y[train_idx]), (x[test_idx], y[test_idx])
     tried = " or ".join(str(c) for c in candidates)
     raise DataNotFoundError(
         f"MNIST test set not found in {tried} (expected {'.gz, '.join(_T10K_FILES)}.gz); download "

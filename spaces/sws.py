@@ -43,15 +43,14 @@ Our choices where the paper leaves room or assumes a long retraining:
   each holds. Per weight that is a handful of passes (range, cell, histogram, look-up) instead of
   ~15 over a (weights x components) array, which is never formed; the gradients are within about
   1% of the exact ones. Up to 8192 weights the evaluation is exact (chunked).
-* In training a full evaluation is reused for a few steps: the loss and the prior's gradients as
-  they were, and each weight's gradient linearised about its value then,
-  ``f'(w0) + max(f''(w0), 0) (w - w0)``. On LeNet-300 a full evaluation costs about as much as the
-  rest of a step. The number of steps follows how fast the prior's parameters move: at most 8,
+* In training a full evaluation is reused for a few steps: its loss and gradients, the weights'
+  as they were at their values then (on LeNet-300 a full evaluation costs about as much as the
+  rest of a step). The number of steps follows how fast the prior's parameters move: at most 8,
   and 24 / (tau x their learning rates relative to the defaults), so every step from tau = 24
-  on. On LeNet-300 / MNIST this kept the outcome of evaluating every step at the moderate
-  setting (tau 3: 8 steps) and at tau 0.1, 1, 10 and 30; at tau 6 (4 steps) it changed which
-  components merged (9.56x instead of 10.12x, same accuracy), as the table's spacing alone does
-  at k = 32, tau = 1.
+  on. On LeNet-300 / MNIST, against evaluating every step, test accuracy stayed within 0.05
+  points and the bytes within 0.1% at the moderate setting (tau 3: 8 steps) and at tau 0.1, 6
+  and 10 (tau 30: every step); at k = 32, tau = 1 the bytes moved 1.1%, which a change of the
+  table's spacing alone does there too (which components merge flips).
 * Snapping considers, for each weight, only the two components whose means bracket it (zero
   counted as a mean): a broad component must not capture a large weight on the far side of zero.
 
@@ -62,6 +61,7 @@ per-channel int8 at ``apply``.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,40 +215,34 @@ def _grid(lo: float | Tensor, hi: float | Tensor, logvar: Tensor) -> _Grid | Non
         return None
     # The floor relative to the weights' magnitude keeps the rounding of x * inv within a
     # fraction of a cell (the cells reach half a node beyond both ends).
-    span = max(hi - lo, 1e-3 * max(abs(lo), abs(hi)), 1e-30)
-    want = span / (_SPACING * math.exp(0.5 * float(logvar.min()))) + 1
+    span_f = max(hi - lo, 1e-3 * max(abs(lo), abs(hi)), 1e-30)
+    want = span_f / (_SPACING * math.exp(0.5 * float(logvar.min()))) + 1
     nodes = _MAX_NODES if not want < _MAX_NODES else max(_MIN_NODES, 1 << math.ceil(math.log2(want)))
-    return _Grid(nodes, _SUB, lo, span / (nodes - 1))
-
-
-_CACHE: dict[tuple[str, int, str], Tensor] = {}
+    return _Grid(nodes, _SUB, lo, span_f / (nodes - 1))
 
 
 def _ramp(n: int, device: torch.device, centred: bool = False) -> Tensor:
-    """``0 .. n-1`` (or centred on 0: the centres of n cells from their node, in cell widths),
-    made once per device."""
-    key = ("centred" if centred else "arange", n, str(device))
-    if key not in _CACHE:
-        _CACHE[key] = (torch.arange(n, dtype=torch.float32) - ((n - 1) / 2 if centred else 0.0)).to(device)
-    return _CACHE[key]
+    """``0 .. n-1`` (or centred on 0: the centres of n cells from their node, in cell widths).
+    Made afresh on each full evaluation: a few KB, against a module-level cache of
+    device tensors that would outlive every model."""
+    return torch.arange(n, dtype=torch.float32, device=device) - ((n - 1) / 2 if centred else 0.0)
 
 
 @dataclass
 class _Table:
     """``-sum_i log p(x_i)`` over flat weights (see :func:`_table`), its gradients by ``mu``,
-    ``logvar`` and ``logpi`` (each (k,)) and, per cell, the weights' gradient ``g_cell`` and
-    ``k_cell``, ``max(f'', 0)`` at the cell's node (each empty when not asked for)."""
+    ``logvar`` and ``logpi`` (each (k,)) and, per cell, the weights' gradient (empty when not
+    asked for)."""
 
     loss: Tensor
     g_mu: Tensor
     g_logvar: Tensor
     g_logpi: Tensor
     g_cell: Tensor
-    k_cell: Tensor
 
 
 def _table(grid: _Grid, cells: tuple[Tensor, ...], mu: Tensor, logvar: Tensor, logpi: Tensor,
-           weights_grad: bool = True, slopes: bool = False) -> _Table:
+           weights_grad: bool = True) -> _Table:
     """``-sum_i log p(x_i)`` over the weights in ``cells`` of ``grid`` and its gradients (no
     autograd).
 
@@ -297,17 +291,15 @@ def _table(grid: _Grid, cells: tuple[Tensor, ...], mu: Tensor, logvar: Tensor, l
     r = torch.div(e, z, out=rows[0])
     rs = torch.mul(r, s, out=rows[1])
     rm = torch.addcmul(r, rs, d, value=-1.0, out=rows[2])
-    g_cell = k_cell = counts.new_zeros(0)
+    g_cell = counts.new_zeros(0)
     if weights_grad:
         f1 = rs.sum(0)  # f'
         f2 = torch.addcmul(inv_var @ rm, f1, f1)  # f'' = sum r / var - sum r s^2 + f'^2
         # g_cell[g * sub + j] = f'(c_g) + f''(c_g) * (centre of cell j - c_g)
         g_cell = torch.addcmul(f1[:, None], f2[:, None], _ramp(sub, device, centred=True) * (grid.step / sub)).view(-1)
-        if slopes:
-            k_cell = f2.clamp_(min=0.0)[:, None].expand(nodes, sub).reshape(-1)
     g = rows.view(3 * e.shape[0], -1) @ counts
     k = e.shape[0]
-    return _Table(torch.dot(counts, top.add_(z.log_())), g[k : 2 * k], g[2 * k :].mul_(-0.5), g[:k], g_cell, k_cell)
+    return _Table(torch.dot(counts, top.add_(z.log_())), g[k : 2 * k], g[2 * k :].mul_(-0.5), g[:k], g_cell)
 
 
 def _is_one(r: float | Tensor) -> bool:
@@ -350,36 +342,41 @@ class _TableNLL(torch.autograd.Function):
 @dataclass
 class _Held:
     """A full evaluation of a :class:`MixturePrior` at loss weight ``scale`` that later steps
-    reuse: each weight's gradient linearised about its value then, ``a + b * w`` (flat, full size,
-    zero off the masks), the loss and the gradients of the prior's parameters (means,
-    log-variances, logits). ``key`` identifies the weights it was made for."""
+    reuse: the loss, the weights' gradients (flat, full size, zero off the masks) and those of the
+    prior's parameters (means, log-variances, logits). ``key`` (shapes, devices, the masks'
+    versions) and ``refs`` (weak references to the weights and masks) identify what it was made
+    for."""
 
     key: tuple[Any, ...]
+    refs: tuple[tuple[weakref.ref[Tensor], weakref.ref[Tensor] | None], ...]
     scale: float | Tensor
-    a: list[Tensor]
-    b: list[Tensor]
     loss: Tensor
+    g_ws: tuple[Tensor, ...]
     grads: tuple[Tensor, Tensor, Tensor]
+
+    def made_for(self, weights: list[tuple[Tensor, Tensor | None]]) -> bool:
+        """Whether ``weights`` are the very tensors (and masks) it was made for."""
+        return len(weights) == len(self.refs) and all(
+            rw() is w and (rm() is m if rm is not None else m is None) for (rw, rm), (w, m) in zip(self.refs, weights, strict=True)
+        )
 
 
 class _HeldNLL(torch.autograd.Function):
-    """``ratio`` times the held evaluation ``held`` of a :class:`MixturePrior` at the current
-    weights ``ws`` (flat, full size): their gradients ``a + b * w``, the loss and the gradients of
-    the prior's parameters (``means``, ``logvars``, ``logits``) as held."""
+    """``ratio`` times the held evaluation ``held`` of a :class:`MixturePrior`: its loss and the
+    gradients of the prior's parameters (``means``, ``logvars``, ``logits``) and of the weights
+    ``ws`` (flat, full size). Nothing is computed per weight beyond autograd's accumulation."""
 
     @staticmethod
     def forward(ctx: Any, held: _Held, ratio: float | Tensor, means: Tensor, logvars: Tensor, logits: Tensor,
                 *ws: Tensor) -> Tensor:
-        ctx.held, ctx.ratio, ctx.ws = held, ratio, tuple(w.detach() for w in ws)
+        ctx.held, ctx.ratio = held, ratio
         return held.loss * ratio
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        held, ws = ctx.held, ctx.ws
-        # The loss weight is folded into the held tables; it changes only during tau's warm-up.
+        # The loss weight is folded into the held gradients; it changes only during tau's warm-up.
         r = grad if _is_one(ctx.ratio) else ctx.ratio * grad
-        g_ws = _times(tuple(torch.addcmul(a, b, w) for a, b, w in zip(held.a, held.b, ws, strict=True)), r)
-        return (None, None, *_times(held.grads, r), *g_ws)
+        return (None, None, *_times(ctx.held.grads, r), *_times(ctx.held.g_ws, r))
 
 
 def _nonempty(xs: list[Tensor]) -> list[Tensor]:
@@ -504,15 +501,13 @@ class MixturePrior(nn.Module):
 
         With ``table`` and more than 8192 of them it is read from a table (:func:`_table`) and
         the evaluation is held. With ``reuse``, while the same weight tensors and masks come
-        back, the held evaluation answers instead of a new one: the loss and the gradients of the
-        prior's parameters as they were, and each weight's gradient linearised about its value
-        ``x0`` then, ``f'(x0) + max(f''(x0), 0) (w - x0)`` (exact inside a component, where
-        ``f`` is quadratic; where two overlap and ``f''`` is negative, the pull held rather
-        than extrapolated), all at the current ``scale``. Otherwise it is exact (chunked).
+        back, the held evaluation answers instead of a new one: its loss and gradients (the
+        weights' as they were at their values then), at the current ``scale``. Otherwise it is
+        exact (chunked).
         """
-        key = tuple((id(w), w.shape, w.device, None if m is None else (id(m), m._version)) for w, m in weights)
+        key = tuple((w.shape, w.device, None if m is None else m._version) for w, m in weights)
         held = self._held
-        if not (table and reuse and held is not None and held.key == key):
+        if not (table and reuse and held is not None and held.key == key and held.made_for(weights)):
             kept = [_kept_flat(w, mask) for w, mask in weights]
             if not table or sum(x.numel() for x in kept) <= _EXACT_BELOW:
                 mu, lv, logpi = self.components()
@@ -535,23 +530,17 @@ class MixturePrior(nn.Module):
         if grid is None:
             return None
         cells = grid.cells(xs)
-        t = _table(grid, cells, mu, lv, logpi, slopes=True)
+        t = _table(grid, cells, mu, lv, logpi)
         grads = self.formulas_backward(t.g_mu * scale, t.g_logvar * scale, t.g_logpi * scale, self.logvars.detach(),
                                        self.logits.detach(), self.scale)
-        g_cell, k_cell = t.g_cell * scale, t.k_cell * scale
-        a, b, each = [], [], iter(cells)
+        g_cell, g_ws, each = t.g_cell * scale, [], iter(cells)
         for (w, mask), x in zip(weights, kept, strict=True):
-            ax = bx = x
-            if x.numel():
-                cell = next(each)
-                bx = k_cell.index_select(0, cell)
-                ax = torch.addcmul(g_cell.index_select(0, cell), bx, x, value=-1.0)  # a + b x0 = f'(x0)
-            if mask is not None:  # full size, zero off the mask: the held gradient needs no indexing
-                m = mask.reshape(-1)
-                ax, bx = (torch.zeros(w.numel(), device=w.device).masked_scatter_(m, v) for v in (ax, bx))
-            a.append(ax)
-            b.append(bx)
-        return _Held(key, scale, a, b, t.loss * scale, grads)
+            g = g_cell.index_select(0, next(each)) if x.numel() else x
+            if mask is not None:  # full size, zero off the mask: held, it needs no indexing
+                g = torch.zeros(w.numel(), device=w.device).masked_scatter_(mask.reshape(-1), g)
+            g_ws.append(g)
+        refs = tuple((weakref.ref(w), None if m is None else weakref.ref(m)) for w, m in weights)
+        return _Held(key, refs, scale, t.loss * scale, tuple(g_ws), grads)
 
 
 @dataclass(frozen=True)
@@ -695,7 +684,7 @@ class SWSHook(TrainHook):
         n: float | Tensor = float(sum(w.numel() for w, m in weights if m is None))
         masks = [m for _, m in weights if m is not None]
         if masks:
-            n = (n + sum(m.sum() for m in masks)).float().clamp_min(1.0)
+            n = (torch.stack([m.sum() for m in masks]).sum() + n).float().clamp_min(1.0)
         scale = self.tau(step, total_steps) / (n if masks else max(n, 1.0))
         # A full evaluation costs about as much as the rest of a LeNet-300 step, so one is reused
         # for a few steps (MixturePrior.nll): as many as keep the outcome of a fine-tune that

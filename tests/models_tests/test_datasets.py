@@ -388,6 +388,41 @@ def test_mnist_t10k_from_data_dir(tmp_path: Path) -> None:
         load_dataset(f"mnist-t10k:{tmp_path / 'nowhere'}")
 
 
+def test_t10k_split_seed_zero_is_the_fixed_split_and_others_draw_the_test_set() -> None:
+    train, test = ds.t10k_split(10_000, 0)
+    assert np.array_equal(train, np.arange(8_000)) and np.array_equal(test, np.arange(8_000, 10_000))
+    splits = {seed: ds.t10k_split(10_000, seed) for seed in (1, 2)}
+    for train, test in splits.values():
+        assert (len(train), len(test)) == (8_000, 2_000)
+        assert np.array_equal(np.sort(np.concatenate([train, test])), np.arange(10_000))
+        assert np.all(np.diff(train) > 0) and np.all(np.diff(test) > 0)
+    assert not np.array_equal(splits[1][1], splits[2][1])
+    assert not np.array_equal(splits[1][1], np.arange(8_000, 10_000))
+    assert np.array_equal(ds.t10k_split(10_000, 1)[1], splits[1][1])  # the same seed, the same split
+
+
+def test_mnist_t10k_split_follows_the_seed(tmp_path: Path) -> None:
+    folder = tmp_path / "t10k"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (50, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 10, 50, dtype=np.uint8)
+    (folder / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(x))
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(y))
+    name = f"mnist-t10k:{folder}"
+    zero = load_dataset(name, val_fraction=0.2, seed=0)
+    assert torch.equal(zero.x_test[:, 0], torch.from_numpy(x[40:]))  # unchanged from before seeds
+    one = load_dataset(name, val_fraction=0.2, seed=1)
+    assert (len(one.y_train), len(one.y_val), len(one.y_test)) == (32, 8, 10)
+    _, test_idx = ds.t10k_split(50, 1)
+    assert torch.equal(one.x_test[:, 0], torch.from_numpy(x[test_idx]))
+    assert one.y_test.tolist() == y[test_idx].tolist()  # labels travel with their images
+    everything = _rows(torch.cat([one.x_train, one.x_val, one.x_test]), torch.cat([one.y_train, one.y_val, one.y_test]))
+    assert everything == _rows(torch.from_numpy(x[:, None]), torch.from_numpy(y.astype(np.int64)))
+    again = load_dataset(name, val_fraction=0.2, seed=1)
+    assert torch.equal(again.x_test, one.x_test) and torch.equal(again.x_train, one.x_train)
+
+
 # --- npz ---------------------------------------------------------------------------------------
 
 

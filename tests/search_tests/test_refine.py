@@ -150,8 +150,9 @@ def test_refining_again_reuses_the_finished_refinements(study_dir: Path, capsys:
 
 
 def test_a_refinement_enqueued_by_hand_runs_in_any_optimize_and_is_never_stopped(study_dir: Path) -> None:
-    study = optuna.copy_study(from_study_name=NAME, from_storage=f"sqlite:///{study_dir}/search.db",
-                              to_storage=optuna.storages.InMemoryStorage())
+    storage = optuna.storages.InMemoryStorage()  # the test's own copy: the module's study stays as refine left it
+    optuna.copy_study(from_study_name=NAME, from_storage=f"sqlite:///{study_dir}/search.db", to_storage=storage)
+    study = optuna.load_study(study_name=NAME, storage=storage)
     parent = choose(study.trials, 1, study.user_attrs["baseline"]["val_accuracy"])[0]
     study.enqueue_trial(parent.params, user_attrs={record.REFINE_OF: parent.number, record.FIDELITY_EPOCHS: 3,
                                                    record.REFINE_ROUND: 0})
