@@ -33,9 +33,10 @@ not refined and the report says so.
 counted as the sum of the trials' durations (Optuna's start and completion times), which
 survives an interruption and a resume; the baseline's training (``python -m models.baseline``,
 run first), export and the recipes are outside it and reported separately. Before each chunk the
-script estimates the chunk from the mean trial duration so far and the refinement from the
-seconds per fine-tune epoch so far and its schedule's epochs, and runs only what fits (the first
-chunk always runs). The report states the budget and what was spent.
+script estimates the chunk from the mean trial duration so far and the refinement from its
+schedule with a trial's cost fitted to the search trials so far (a fixed part plus seconds per
+epoch, :func:`trial_cost`), and runs only what fits (the first chunk always runs). The report
+states the budget, the estimate and what was spent.
 
 **Selection.** For each criterion the answer is the highest measured compression ratio (artifact
 bytes, ``storage.codec``) among the exported front plans whose test error is at most +x points
@@ -523,16 +524,50 @@ def search_command(study: Study, o: Options, trials: int, refine: int = 0) -> li
     return cmd
 
 
+def trial_cost(points: list[tuple[int, float]]) -> tuple[float, float] | None:
+    """``(overhead, per_epoch)`` seconds of a trial, ``seconds = overhead + per_epoch * epochs``,
+    fitted by least squares to the ``(epochs, seconds)`` of trained search trials. A trial's
+    fixed part (apply, encode, evaluate, a slow finalize) can outweigh its epochs, so a refinement
+    of many epochs is not simply epochs x the mean seconds per epoch. With one epoch count (or a
+    fit that is not positive) the overhead is 0 and the rate the mean; None without points."""
+    if not points:
+        return None
+    epochs = [float(e) for e, _ in points]
+    seconds = [s for _, s in points]
+    rate = sum(seconds) / sum(epochs)
+    n, mean_e, mean_s = len(points), sum(epochs) / len(points), sum(seconds) / len(points)
+    var = sum((e - mean_e) ** 2 for e in epochs)
+    if n < 2 or var == 0:
+        return 0.0, rate
+    slope = sum((e - mean_e) * (s - mean_s) for e, s in points) / var
+    overhead = mean_s - slope * mean_e
+    return (overhead, slope) if slope > 0 and overhead >= 0 else (0.0, rate)
+
+
+def refine_seconds(cost: tuple[float, float] | None, budget: dict[str, Any]) -> float:
+    """Estimated seconds of the refinement rounds of ``budget`` (:func:`epochs_per_plan`)."""
+    if cost is None:
+        return 0.0
+    overhead, per_epoch = cost
+    rounds = zip(budget["refine_trials"], budget["refine_rounds"], strict=True)
+    return sum(n * (overhead + per_epoch * e) for n, e in rounds)
+
+
 def study_times(study: Study, o: Options) -> dict[str, Any]:
     """Counted search trials, the seconds the search and the refinement trials took (sums of
-    trial durations) and the seconds per fine-tune epoch of the search trials so far."""
+    trial durations) and the fitted cost of a search trial (:func:`trial_cost`)."""
     import optuna
 
     from objectives.objective import is_refinement
     from search.worker import counted
     from storage.studies import open_storage
 
-    out = {"trials": 0, "search_seconds": 0.0, "refine_seconds": 0.0, "seconds_per_epoch": None}
+    out: dict[str, Any] = {
+        "trials": 0,
+        "search_seconds": 0.0,
+        "refine_seconds": 0.0,
+        "trial_cost": None,
+    }
     if not (o.workdir / "studies" / f"{study.name}.db").exists():
         return out
     try:
@@ -541,7 +576,7 @@ def study_times(study: Study, o: Options) -> dict[str, Any]:
         )
     except KeyError:
         return out
-    epochs, trained_seconds = 0, 0.0
+    points = []
     for t in s.get_trials(deepcopy=False):
         if t.datetime_start is None or t.datetime_complete is None:
             continue
@@ -550,11 +585,11 @@ def study_times(study: Study, o: Options) -> dict[str, Any]:
             out["refine_seconds"] += seconds
             continue
         out["search_seconds"] += seconds
-        n = len(t.user_attrs.get("curve") or [])
+        n = len(t.user_attrs.get("curve") or [])  # epochs trained (a stopped trial: fewer)
         if n:
-            epochs, trained_seconds = epochs + n, trained_seconds + seconds
+            points.append((n, seconds))
     out["trials"] = counted(s)
-    out["seconds_per_epoch"] = trained_seconds / epochs if epochs else None
+    out["trial_cost"] = trial_cost(points)
     return out
 
 
@@ -564,6 +599,7 @@ def run_study(
     """Baseline, search chunks within the budget, refinement, export; return the study's record."""
     start = len(runner.commands)
     log = f"{study.name}"
+    refine_estimate = None  # seconds, estimated before the last chunk
     if not o.report_only:
         runner.run(
             [
@@ -580,11 +616,11 @@ def run_study(
             ],
             f"{log}.baseline",
         )
-        refine_estimate = 0.0
         while True:
             t = study_times(study, o)
-            if t["seconds_per_epoch"] is not None and refine_ok:
-                refine_estimate = budget["refine_epochs_total"] * t["seconds_per_epoch"]
+            refine_estimate = (
+                refine_seconds(t["trial_cost"], budget) if refine_ok and o.refine else 0.0
+            )
             if t["trials"] >= o.max_trials:
                 break
             more = o.chunk
@@ -644,6 +680,7 @@ def run_study(
         "front_plans": len(pareto.get("plans", [])),
         "refined_plans": sum(1 for p in pareto.get("plans", []) if "refined_trial" in p),
         "budget_seconds": study.budget_seconds,
+        "refine_estimate_seconds": refine_estimate,
         **times,
         "anchors": anchors(pareto),
         "commands": runner.commands[start:],
@@ -652,6 +689,22 @@ def run_study(
     if study.recipes:
         rec["recipes"] = run_recipes(study, o, runner, budget["recipe"], pareto["baseline"])
         rec["recipe_commands"] = runner.commands[start + len(rec["commands"]) :]
+    # The commands behind the figures, kept so that --report-only can name them too. A resumed
+    # study's earlier commands (chunks run before an interruption) stay in its history; the
+    # recipes run again each time, so only their latest commands are kept.
+    provenance = o.workdir / "provenance" / f"{study.name}.json"
+    earlier = json.loads(provenance.read_text()) if provenance.exists() else {}
+    if o.report_only:
+        rec.update(earlier)
+    else:
+        rec["commands"] = earlier.get("commands", []) + rec["commands"]
+        provenance.parent.mkdir(parents=True, exist_ok=True)
+        kept = {
+            k: rec[k]
+            for k in ("commands", "recipe_commands", "refine_estimate_seconds")
+            if k in rec
+        }
+        provenance.write_text(json.dumps(kept, indent=2) + "\n")
     return rec
 
 
@@ -802,27 +855,25 @@ def mnist_rows(studies: list[dict[str, Any]], seeds: list[int]) -> list[str]:
 
 def fashion_rows(studies: list[dict[str, Any]]) -> list[str]:
     """The Fashion-MNIST table: one row per criterion."""
-    lines = [
-        "| model | criterion | our Deep Compression recipe | our SWS recipe | search / better recipe | search |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
+    head = ["model", "criterion", "our Deep Compression recipe", "our SWS recipe"]
+    head += ["search / better recipe", "search"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---:|---:|---:|"]
     for r in studies:
         if r["part"] != "fashion":
             continue
         for x in CRITERIA:
             chosen = r["anchors"][f"{x:g}"]
-            recipes = {k: v for k, v in r["recipes"].items() if recipe_within(v, x)}
-            better = max((v["ratio"] for v in recipes.values()), default=None)
+            within = [v["ratio"] for v in r["recipes"].values() if recipe_within(v, x)]
+            better = max(within, default=None)
             factor = f"{chosen['ratio'] / better:.2f}x" if chosen and better else "—"
             cells = [f"{LABELS[r['model']]} (seed {r['seed']})", f"<= +{x:g} pt"]
             for key in RECIPES:
                 v = r["recipes"].get(key)
-                cells.append(
-                    "not run"
-                    if v is None
-                    else f"{_ratio(v['ratio'])} ({_delta(v['delta_points'])})"
-                    + ("" if recipe_within(v, x) else ", outside")
-                )
+                if v is None:
+                    cells.append("not run")
+                    continue
+                outside = "" if recipe_within(v, x) else ", outside"
+                cells.append(f"{_ratio(v['ratio'])} ({_delta(v['delta_points'])}{outside})")
             cells += [factor, _seed_cell(chosen)]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -840,43 +891,125 @@ def goals(studies: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
     for r in studies:
         if r["part"] == "fashion":
             chosen = r["anchors"][key]
-            out[f"fashion-{r['model']}-s{r['seed']}"] = fashion_goal(
-                chosen["ratio"] if chosen else None, r["recipes"]
-            )
+            ratio = chosen["ratio"] if chosen else None
+            out[f"fashion-{r['model']}-s{r['seed']}"] = fashion_goal(ratio, r["recipes"])
     return out
 
 
 def goal_lines(report_goals: dict[str, Any], complete: bool) -> list[str]:
-    """One line per goal: met or not, with its numbers."""
+    """One line per goal: met or not, with its numbers (no verdict for a smoke run)."""
     lines = []
     for key, g in report_goals.items():
-        verdict = (
-            ("met" if g["met"] else "not met")
-            if complete
-            else "not evaluated (not the full configuration)"
-        )
+        verdict = "not evaluated (not the full configuration)"
+        if complete:
+            verdict = "met" if g["met"] else "not met"
         if key.startswith("mnist-"):
             model = key.split("-", 1)[1]
             lines.append(
-                f"- {LABELS[model]} at <= +{GOAL_POINTS:g} pt: mean {_ratio(g['mean'])} (goal >= "
-                f"{g['mean_goal']:g}x, every seed > {g['each_goal']:g}x): **{verdict}**"
+                f"- {LABELS[model]} at <= +{GOAL_POINTS:g} pt: mean {_ratio(g['mean'])} "
+                f"(goal >= {g['mean_goal']:g}x, every seed > {g['each_goal']:g}x): **{verdict}**"
             )
-        else:
-            extra = f"; {g['note']}" if g["note"] else ""
-            factor = "—" if g["factor"] is None else f"{g['factor']:.2f}x"
-            lines.append(
-                f"- Fashion-MNIST ({key}) at <= +{GOAL_POINTS:g} pt: search {_ratio(g['search_ratio'])}, better "
-                f"recipe {_ratio(g['better_recipe_ratio'])}, factor {factor} (goal >= {g['goal_factor']:g}x)"
-                f"{extra}: **{verdict}**"
-            )
+            continue
+        extra = f"; {g['note']}" if g["note"] else ""
+        factor = "—" if g["factor"] is None else f"{g['factor']:.2f}x"
+        lines.append(
+            f"- Fashion-MNIST ({key}) at <= +{GOAL_POINTS:g} pt: search "
+            f"{_ratio(g['search_ratio'])}, better recipe {_ratio(g['better_recipe_ratio'])}, "
+            f"factor {factor} (goal >= {g['goal_factor']:g}x){extra}: **{verdict}**"
+        )
+    return lines
+
+
+def _header_lines(report: dict[str, Any]) -> list[str]:
+    """The bullet list under the title: command, machine, budgets, the criterion's meaning."""
+    seeds, eb, refine = report["seeds"], report["epoch_budget"], report["refinement"]
+    finetune = "searched" if report["tune_finetune"] else "fixed"
+    if refine["ran"]:
+        refinement = (
+            f"refinement: top {refine['top']} plans, factor {refine['factor']:g}, "
+            f"eta {refine['eta']} (round epochs {eb['refine_rounds']})"
+        )
+    else:
+        refinement = f"refinement: **not run** ({refine['why']})"
+    minutes = report["wall_seconds"] / 60
+    return [
+        f"- command: `{report['command']}`",
+        f"- date: {report['started']} to {report['finished']} ({minutes:.1f} min)"
+        + (
+            "; the report was rebuilt with `--report-only` from the studies already run (their "
+            "commands and times are those recorded when they ran)"
+            if report.get("report_only")
+            else ""
+        ),
+        f"- machine: {report['machine']}",
+        f"- CPU budget of search + refinement (sum of trial durations): "
+        f"{report['hours_per_model']:g} h per model on mnist-t10k (shared by its {len(seeds)} "
+        f"seed(s)), {report['fashion_hours']:g} h for Fashion-MNIST; baseline training, export "
+        "and recipes are outside it (times below)",
+        f"- search: `--study all`, per-layer intensities, fine-tune {finetune}, chunks of "
+        f"{report['chunk']} trials, at most {report['max_trials']} trials; {refinement}",
+        f"- epoch budget per plan: the search spends at most {eb['recipe']} fine-tune epochs on "
+        f"one plan ({eb['search_trial']} in its search trial + {sum(eb['refine_rounds'])} in "
+        f"refinement rounds); each recipe fine-tunes once for {eb['recipe']} epochs",
+        "- criterion: the highest measured compression ratio among the exported front plans "
+        "(refined values where refined) whose **test** error is at most +x points above the "
+        "baseline's on the same split; cells show ratio (test error change in points); 2,000 "
+        "test images move it in steps of 0.05",
+        "- papers: 60,000 training images and their own size accounting (Deep Compression with "
+        "Huffman coding); here: mnist-t10k (7,200 train / 800 val / 2,000 test per split seed) "
+        "and this codec's bytes",
+        f"- soft weight-sharing recipe: the paper's tau {report['sws_tau_paper']:g} per training "
+        "example, converted per weight (tau' in each recipe's plan file)",
+    ]
+
+
+def _study_lines(studies: list[dict[str, Any]]) -> list[str]:
+    """Per study: baseline, trials, times; the chosen plans; the recipes' plan files."""
+    lines = [
+        "| study | baseline val / test | trials | front (refined) | search s | refinement s "
+        "(estimated) | budget s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in studies:
+        b = r["baseline"]
+        est = r.get("refine_estimate_seconds")
+        lines.append(
+            f"| {r['name']} | {100 * b['val_accuracy']:.2f} / {100 * b['test_accuracy']:.2f}% "
+            f"| {r['trials']} | {r['front_plans']} ({r['refined_plans']}) "
+            f"| {r['search_seconds']:.0f} | {r['refine_seconds']:.0f} "
+            f"({'—' if est is None else f'{est:.0f}'}) | {r['budget_seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        "Chosen plans (rebuild one with `python -m search.apply <plan file> --out model.pcz "
+        "--store <the study's store>`):",
+        "",
+    ]
+    for r in studies:
+        for x in CRITERIA:
+            c = r["anchors"][f"{x:g}"]
+            if c is not None:
+                refined = " (refined)" if c["refined"] else ""
+                lines.append(
+                    f"- {r['name']} <= +{x:g} pt: trial {c['trial']}{refined}, {c['families']}, "
+                    f"{_ratio(c['ratio'])}, {_delta(c['delta_points'])} pt, "
+                    f"`{Path(r['pareto']).parent / c['plan_file']}`"
+                )
+    recipes = [(r["name"], v) for r in studies for v in r["recipes"].values()]
+    if recipes:
+        lines += ["", "Recipes (plan file, measured ratio and test error change):", ""]
+        lines += [
+            f"- {name} {v['recipe']}: `{v['plan_file']}`, {_ratio(v['ratio'])}, "
+            f"{_delta(v['delta_points'])} pt, {v['epochs']} epochs"
+            for name, v in recipes
+        ]
     return lines
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     """The Markdown section of a report (see :func:`main`)."""
     quick = report["configuration"] == "quick"
-    seeds = report["seeds"]
-    eb = report["epoch_budget"]
+    seeds, studies = report["seeds"], report["studies"]
     lines = [
         "## Paper anchors: the joint search against Deep Compression and soft weight-sharing "
         "(`benchmarks/paper_anchors.py`)",
@@ -884,43 +1017,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     if quick:
         lines += [
-            "**SMOKE RUN (`--quick`): tiny budgets that prove the pipeline end to end. These figures are "
-            "not results and must not be quoted.**",
+            "**SMOKE RUN (`--quick`): tiny budgets that prove the pipeline end to end. These "
+            "figures are not results and must not be quoted.**",
             "",
         ]
-    refine = report["refinement"]
-    lines += [
-        f"- command: `{report['command']}`",
-        f"- date: {report['started']} to {report['finished']} ({report['wall_seconds'] / 60:.1f} min)",
-        f"- machine: {report['machine']}",
-        f"- CPU budget of search + refinement (sum of trial durations): {report['hours_per_model']:g} h per model "
-        f"on mnist-t10k (shared by its {len(seeds)} seed(s)), {report['fashion_hours']:g} h for Fashion-MNIST; "
-        "baseline training, export and recipes outside it (times below)",
-        f"- search: `--study all`, per-layer intensities, fine-tune {'searched' if report['tune_finetune'] else 'fixed'}, "
-        f"chunks of {report['chunk']} trials, at most {report['max_trials']} trials; "
-        + (
-            f"refinement: top {refine['top']} plans, factor {refine['factor']:g}, eta {refine['eta']} "
-            f"(round epochs {eb['refine_rounds']})"
-            if refine["ran"]
-            else f"refinement: **not run** ({refine['why']})"
-        ),
-        f"- epoch budget per plan: the search spends at most {eb['recipe']} fine-tune epochs on one plan "
-        f"({eb['search_trial']} in its search trial + {sum(eb['refine_rounds'])} in refinement rounds); each recipe "
-        f"fine-tunes once for {eb['recipe']} epochs",
-        "- criterion: the highest measured compression ratio among the exported front plans (refined values where "
-        "refined) whose **test** error is at most +x points above the baseline's on the same split; cells show "
-        "ratio (test error change in points); 2,000 test images move it in steps of 0.05",
-        "- papers: 60,000 training images and their own size accounting (Deep Compression with Huffman coding); "
-        "here: mnist-t10k (7,200 train / 800 val / 2,000 test per split seed) and this codec's bytes",
-        "",
-    ]
-    studies = report["studies"]
+    lines += [*_header_lines(report), ""]
     if any(r["part"] == "mnist" for r in studies):
         lines += [
-            "### MNIST (mnist-t10k, split seeds " + ", ".join(map(str, seeds)) + ")",
+            f"### MNIST (mnist-t10k, split seeds {', '.join(map(str, seeds))})",
             "",
-            "Recipe cells: mean ratio over the seeds where the recipe is within the criterion (seeds within / "
-            "seeds run).",
+            "Recipe cells: mean ratio over the seeds where the recipe is within the criterion "
+            "(seeds within / seeds run).",
             "",
             *mnist_rows(studies, seeds),
             "",
@@ -932,49 +1039,16 @@ def render_markdown(report: dict[str, Any]) -> str:
             *fashion_rows(studies),
             "",
         ]
+    lines += ["### Goals (at <= +0.5 points of test error)", ""]
+    lines += [*goal_lines(report["goals"], not quick), ""]
+    lines += ["### Studies", "", *_study_lines(studies), ""]
     lines += [
-        "### Goals (at <= +0.5 points of test error)",
-        "",
-        *goal_lines(report["goals"], not quick),
-        "",
-    ]
-    lines += [
-        "### Studies",
-        "",
-        "| study | baseline val / test | trials | front (refined) | search s | refinement s | "
-        "budget s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in studies:
-        b = r["baseline"]
-        lines.append(
-            f"| {r['name']} | {100 * b['val_accuracy']:.2f} / {100 * b['test_accuracy']:.2f}% | {r['trials']} | "
-            f"{r['front_plans']} ({r['refined_plans']}) | {r['search_seconds']:.0f} | {r['refine_seconds']:.0f} | "
-            f"{r['budget_seconds']:.0f} |"
-        )
-    lines += [
-        "",
-        "Chosen plans (rebuild any with `python -m search.apply <plan file> --out model.pcz --store <store>`; "
-        "plan files are in each study's export folder):",
-        "",
-    ]
-    for r in studies:
-        for x in CRITERIA:
-            c = r["anchors"][f"{x:g}"]
-            if c is not None:
-                lines.append(
-                    f"- {r['name']} <= +{x:g} pt: trial {c['trial']}{' (refined)' if c['refined'] else ''}, "
-                    f"{c['families']}, {_ratio(c['ratio'])}, {_delta(c['delta_points'])} pt, "
-                    f"`{Path(r['pareto']).parent / c['plan_file']}`"
-                )
-    lines += [
-        "",
-        "Commands (in order; every figure above comes from the `pareto.json` of a study's export or from a "
-        "recipe's `search.apply`):",
+        "Commands, in order (every figure above comes from the `pareto.json` of a study's export "
+        "or from a recipe's `search.apply`):",
         "",
         "```",
+        report["command"],
     ]
-    lines.append(report["command"])
     for r in studies:
         for c in r["commands"] + r.get("recipe_commands", []):
             lines.append(f"{c['command']}   # {c['seconds']:.0f} s")
@@ -988,7 +1062,8 @@ def machine() -> str:
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
-        f"{os.cpu_count()} CPU cores, torch {torch.__version__} (threads {torch.get_num_threads()}), "
+        f"{os.cpu_count()} CPU cores, torch {torch.__version__} "
+        f"(threads {torch.get_num_threads()}), "
         f"Python {platform.python_version()}, 1-minute load average at start {load:.2f}"
     )
 
@@ -1095,7 +1170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: LeNet-300-100, seed 0, mnist only, 6 trials, refine 2 at factor 1 (minutes)",
+        help="smoke run: LeNet-300-100, seed 0, mnist only, 6 trials, refine 2 at factor 1",
     )
     return p
 
@@ -1145,12 +1220,14 @@ def main(argv: list[str] | None = None) -> int:
     if "mnist" in parts:
         if args.t10k is None:
             raise UserError(
-                "--parts mnist needs the MNIST test set's folder: --t10k DIR (e.g. --t10k ../shared/data/mnist-t10k)"
+                "--parts mnist needs the MNIST test set's folder: --t10k DIR "
+                "(e.g. --t10k ../shared/data/mnist-t10k)"
             )
         t10k = Path(args.t10k).expanduser().resolve()
         if not t10k.is_dir():
             raise UserError(
-                f"--t10k {args.t10k}: no such folder; name the folder holding t10k-images-idx3-ubyte[.gz]"
+                f"--t10k {args.t10k}: no such folder; name the folder holding "
+                "t10k-images-idx3-ubyte[.gz]"
             )
     workdir = Path(
         args.workdir or ("runs/paper-anchors-quick" if args.quick else "runs/paper-anchors")
@@ -1207,6 +1284,7 @@ def main(argv: list[str] | None = None) -> int:
     records = [run_study(s, o, runner, budget, refine_ok) for s in studies]
     report = {
         "configuration": "quick" if args.quick else "full",
+        "report_only": args.report_only,
         "command": _invocation(argv),
         "machine": host,
         "started": started.strftime("%Y-%m-%d %H:%M UTC"),

@@ -171,6 +171,21 @@ def test_recipe_epochs_cover_the_most_one_search_plan_gets() -> None:
     assert off["recipe"] == 3 and off["refine_epochs_total"] == 0
 
 
+def test_trial_cost_separates_the_fixed_part_from_the_epochs() -> None:
+    # 12 s per trial plus 2 s per epoch: a 15-epoch refinement costs 42 s, not 15 x the mean rate.
+    points = [(1, 14.0), (3, 18.0), (6, 24.0), (2, 16.0)]
+    overhead, per_epoch = pa.trial_cost(points)
+    assert overhead == pytest.approx(12.0) and per_epoch == pytest.approx(2.0)
+    budget = pa.epochs_per_plan(3, True, 8, 5.0, 2)  # rounds: 8 x 4, 4 x 8, 2 x 15 epochs
+    assert pa.refine_seconds((12.0, 2.0), budget) == pytest.approx(8 * 20 + 4 * 28 + 2 * 42)
+    assert pa.trial_cost([(3, 30.0), (3, 36.0)]) == (0.0, pytest.approx(11.0))  # one epoch count
+    assert pa.trial_cost([(1, 30.0), (5, 10.0)]) == (
+        0.0,
+        pytest.approx(40.0 / 6),
+    )  # no positive fit
+    assert pa.trial_cost([]) is None and pa.refine_seconds(None, budget) == 0.0
+
+
 def test_goals() -> None:
     assert pa.mnist_goal("lenet300", [75.0, 72.0, 66.0])["met"]
     assert not pa.mnist_goal("lenet300", [90.0, 90.0, 60.0])["met"]  # a seed at or below 64x
@@ -199,7 +214,7 @@ def _study_record(part, model, seed, chosen_ratio):
             }
             for k in chosen
         }
-    recipe = {"ratio": 30.0, "delta_points": 0.3, "recipe": "x"}
+    recipe = {"ratio": 30.0, "delta_points": 0.3, "recipe": "x", "plan_file": "r.json", "epochs": 9}
     return {
         "part": part,
         "model": model,
@@ -211,6 +226,7 @@ def _study_record(part, model, seed, chosen_ratio):
         "trials": 10,
         "front_plans": 4,
         "refined_plans": 2,
+        "refine_estimate_seconds": 25.0,
         "search_seconds": 100.0,
         "refine_seconds": 20.0,
         "budget_seconds": 2400.0,
@@ -250,12 +266,15 @@ def test_report_rows_and_sections() -> None:
         "refinement": {"ran": False, "top": 0, "factor": 1.0, "eta": 2, "why": "--refine 0"},
         "epoch_budget": pa.epochs_per_plan(3, True, 0, 1.0, 2),
         "studies": studies,
+        "sws_tau_paper": 5e-3,
         "goals": pa.goals(studies, [0, 1, 2]),
     }
     md = pa.render_markdown(report)
     assert "SMOKE RUN" in md and "not evaluated" in md  # a smoke run states no verdict
     assert "### MNIST" in md and "### Fashion-MNIST" in md and "python -m search.run" in md
     assert "refinement: **not run** (--refine 0)" in md
+    assert "`r.json`, 30.0x, +0.30 pt, 9 epochs" in md  # the recipes' plan files
+    assert "| 100 | 20 (25) | 2400 |" in md  # search, refinement (estimated) and budget seconds
 
 
 @pytest.mark.parametrize(
