@@ -478,10 +478,14 @@ def suggest_plan(
     chosen technique's parameters (``<technique>.<param>``) are suggested. ``layers`` (the
     eligible layers of a model with few of them, see :attr:`StudySpace.per_layer_max`) get
     their own intensity per technique (:func:`suggest_layers`) until a structure step changes
-    the layers. ``finetune_space`` (e.g. ``{"epochs": (1, 8), "lr": (1e-3, 1e-1)}``; also
+    the layers, in plans where the switch ``plan.per_layer`` is on. ``finetune_space`` (e.g. ``{"epochs": (1, 8), "lr": (1e-3, 1e-1)}``; also
     ``distill_weight`` and ``distill_temperature``) makes the fine-tune searchable.
     """
     steps: list[Step] = []
+    # Whether this plan sets intensities per layer at all: a switch the sampler learns, so that
+    # uniform plans (few parameters, quick for TPE to model) stay in reach beside per-layer ones.
+    if layers and not trial.suggest_categorical("plan.per_layer", [False, True]):
+        layers = ()
     for stage in STAGES:
         choice = _choose(trial, stage, space.options(stage))
         if choice in (NONE, FP32):

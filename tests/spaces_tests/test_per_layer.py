@@ -75,6 +75,7 @@ def test_an_override_of_a_missing_layer_is_refused_at_apply() -> None:
 def test_sampling_gives_each_layer_its_own_parameter_and_replays() -> None:
     space = StudySpace("int-only", {"weights": ("int",)}, per_layer_max=8)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    study.enqueue_trial({"plan.per_layer": True})
     trial = study.ask()
     plan = suggest_plan(trial, space, UNPROTECTED, layers=["fc1", "fc2", "fc3"])
     (step,) = plan.steps
@@ -86,9 +87,15 @@ def test_sampling_gives_each_layer_its_own_parameter_and_replays() -> None:
 
 def test_no_overrides_after_a_structure_step() -> None:
     space = StudySpace("s", {"structure": ("lowrank",), "weights": ("int",)}, per_layer_max=8)
-    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
-    plan = suggest_plan(trial, space, UNPROTECTED, layers=["fc1", "fc2", "fc3"])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial({"plan.per_layer": True})
+    plan = suggest_plan(study.ask(), space, UNPROTECTED, layers=["fc1", "fc2", "fc3"])
     assert plan.steps[0].layers and not plan.steps[1].layers
+    off = suggest_plan(optuna.trial.FixedTrial({"plan.per_layer": False, "lowrank.mode": "ratio",
+                                                 "lowrank.rank_ratio": 0.5, "int.bits": 4, "int.symmetric": True,
+                                                 "int.learned_step": True}),
+                       space, UNPROTECTED, layers=["fc1", "fc2", "fc3"])
+    assert not off.steps[0].layers and not off.steps[1].layers  # the switch off: uniform plans
 
 
 def test_a_per_layer_codebook_takes_the_layer_clusters() -> None:

@@ -1,0 +1,47 @@
+"""search.studies: a study keeps the space it was created with."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from models.errors import UserError
+from search.studies import CONFIG_ATTR, SPACE_ATTR, StudyConfig, new_techniques, study_space
+from spaces.plan import get_study_space
+
+
+def _study(config: StudyConfig, record: dict | None) -> optuna.Study:
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    study.set_user_attr(CONFIG_ATTR, config.to_dict())
+    if record is not None:
+        study.set_user_attr(SPACE_ATTR, record)
+    return study
+
+
+def test_the_recorded_space_is_what_workers_sample() -> None:
+    record = get_study_space("all").record()
+    record["stages"]["weights"] = ["fp32", "int"]  # as if created when only int existed
+    space = study_space(_study(StudyConfig(preset="digits"), record))
+    assert space.options("weights") == ("fp32", "int")
+    assert "sws" in new_techniques(_study(StudyConfig(preset="digits"), record), space)
+
+
+def test_a_changed_technique_is_refused_in_one_line() -> None:
+    record = get_study_space("all").record()
+    params = record["techniques"]["int"]["params"]
+    params["int.bits"] = {**params["int.bits"], "attributes": {**params["int.bits"]["attributes"], "high": 16}}
+    with pytest.raises(UserError) as info:
+        study_space(_study(StudyConfig(preset="digits"), record))
+    message = str(info.value)
+    assert "parameter int.bits changed" in message and "--name" in message and "\n" not in message
+
+
+def test_a_study_made_before_spaces_were_recorded_gets_its_trials_choices() -> None:
+    study = _study(StudyConfig(preset="digits"), None)
+    old = ("fp32", "float", "int", "binary", "codebook", "sws")  # the order of the first release
+    study.add_trial(optuna.trial.create_trial(
+        params={"stage.weights": "int"}, distributions={"stage.weights": optuna.distributions.CategoricalDistribution(old)},
+        values=[0.9, 4.0]))
+    space = study_space(study)
+    assert space.options("weights") == old and space.per_layer_max == 0
+    assert study.user_attrs[SPACE_ATTR]["stages"]["weights"] == list(old)  # recorded now
