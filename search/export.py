@@ -41,6 +41,7 @@ from objectives.record import FIDELITY_EPOCHS, TrialRecord, write_plan_file
 from search.progress import front_trials, study_hypervolume
 from search.refine import best_refinements
 from search.studies import find_study_name, stored_config
+from search.worker import add_study_args
 from storage.codec import CorruptArtifactError, decode
 from storage.studies import (
     DEFAULT_STORAGE,
@@ -189,9 +190,7 @@ def export(study: optuna.Study, out: Path, *, data_dir: str, store_root: str, ma
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``python -m search.export``."""
     p = argparse.ArgumentParser(prog="python -m search.export", description=__doc__)
-    p.add_argument("--study", default="all", help="named study space (default: all)")
-    p.add_argument("--name", default=None, help="exact Optuna study name (default: the one study of --study/--preset)")
-    p.add_argument("--preset", default=None)
+    add_study_args(p)
     p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"study storage URL (default: {DEFAULT_STORAGE})")
     p.add_argument("--store", default=None, help="root of baselines/ and artifacts/ (default: beside the SQLite file, else runs)")
     p.add_argument("--data-dir", default="data")

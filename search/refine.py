@@ -59,7 +59,7 @@ from objectives.pipeline import Workbench
 from search.progress import ACCURACY_FLOOR_POINTS, hypervolume, pareto_indices
 from search.samplers import make_sampler
 from search.studies import find_study_name, stored_config
-from search.worker import add_worker_args, build_objective, pick_device
+from search.worker import add_study_args, add_worker_args, build_objective, pick_device
 from storage.studies import default_store, load_study, open_storage
 
 DEFAULT_TOP = 8
@@ -271,9 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``python -m search.refine``."""
     p = argparse.ArgumentParser(prog="python -m search.refine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", default="all", help="named study space (default: all)")
-    p.add_argument("--name", default=None, help="exact Optuna study name (default: the one study of --study/--preset)")
-    p.add_argument("--preset", default=None, help="disambiguates when several presets share a space")
+    add_study_args(p)
     p.add_argument("--top", type=int, default=DEFAULT_TOP, help=f"plans to refine in the first round (default: {DEFAULT_TOP})")
     p.add_argument("--factor", type=float, default=DEFAULT_FACTOR,
                    help=f"last round's fine-tune = factor x the preset's epochs (default: {DEFAULT_FACTOR:g})")

@@ -105,6 +105,13 @@ def run_worker(args: argparse.Namespace, study_name: str | None = None, callback
     return study
 
 
+def add_study_args(p: argparse.ArgumentParser) -> None:
+    """How a command that joins an existing study finds it (see ``find_study_name``)."""
+    p.add_argument("--study", default="all", help="named study space (default: all)")
+    p.add_argument("--name", default=None, help="exact Optuna study name (default: the one study of --study/--preset)")
+    p.add_argument("--preset", default=None, help="disambiguates when several presets share a space")
+
+
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     """Options every worker understands."""
     p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"study storage URL (default: {DEFAULT_STORAGE})")
@@ -118,9 +125,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``python -m search.worker``."""
     p = argparse.ArgumentParser(prog="python -m search.worker", description=__doc__)
-    p.add_argument("--study", default="all", help="named study space to join (default: all)")
-    p.add_argument("--name", default=None, help="exact Optuna study name (default: the one study of --study/--preset)")
-    p.add_argument("--preset", default=None, help="disambiguates when several presets share a space")
+    add_study_args(p)
     p.add_argument("--trials", type=int, default=None, help="override the study's total budget")
     add_worker_args(p)
     return p
