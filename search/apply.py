@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from models.errors import UserError, cli_main
-from models.train import evaluate_split
+from models.train import evaluate_split, resolve_device
 from objectives.pipeline import Outcome, Workbench, finish, prepare
 from objectives.record import TrialRecord, read_plan_file
 from spaces.plan import Plan
@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     plan, record = read_plan_file(args.plan)
     resolve_preset(record, args.preset, f"plan file {args.plan}")  # refused before any data loads
+    device = resolve_device(args.device)  # a bad --device is one line, before any training
     bench, outcome = rebuild(plan, record, preset=args.preset, data_dir=args.data_dir, store=args.store,
-                             device=torch.device(args.device) if args.device else None, epochs=args.epochs)
+                             device=device, epochs=args.epochs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(outcome.artifact)

@@ -100,9 +100,9 @@ class ActQuantConfig(TechniqueConfig):
 
     def validate(self) -> None:
         """Check the format and the percentile."""
-        check(self.format in FORMATS, f"activations.format must be one of {list(FORMATS)}, got {self.format!r}")
+        check(self.format in FORMATS, f"actquant.format must be one of {list(FORMATS)}, got {self.format!r}")
         check(50.0 <= self.percentile <= 100.0,
-              f"activations.percentile must be in [50, 100], got {self.percentile}")
+              f"actquant.percentile must be in [50, 100], got {self.percentile}")
 
 
 # ------------------------------------------------------------------------------ calibration

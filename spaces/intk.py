@@ -150,7 +150,7 @@ class IntConfig(TechniqueConfig):
 
     def validate(self) -> None:
         """Check ranges."""
-        check(2 <= self.bits <= 8, f"weights.bits must be in 2..8, got {self.bits}")
+        check(2 <= self.bits <= 8, f"int.bits must be in 2..8, got {self.bits}")
 
 
 @register_technique
