@@ -23,7 +23,6 @@ import functools
 import hashlib
 import json
 import platform
-import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -254,24 +253,15 @@ def code_hash() -> str:
     return h.hexdigest()
 
 
-# A worker's splits are hashed once: keyed by the Splits object (held weakly, so a dropped
-# dataset is not kept alive by its hash).
-_DATASET_HASHES: dict[int, tuple[weakref.ref[Splits], str]] = {}
-
-
 def dataset_hash(data: Splits) -> str:
-    """SHA-256 over the shape, dtype and bytes of every tensor of ``data``'s splits."""
-    cached = _DATASET_HASHES.get(id(data))
-    if cached is not None and cached[0]() is data:
-        return cached[1]
+    """SHA-256 over the shape, dtype and bytes of every tensor of ``data``'s splits (a worker's
+    objective computes it once, with the rest of its shared record fields)."""
     h = hashlib.sha256()
     for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
         t = getattr(data, name).detach().contiguous().cpu()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\0".encode())
         h.update(memoryview(t.numpy()).cast("B"))
-    digest, key = h.hexdigest(), id(data)
-    _DATASET_HASHES[key] = (weakref.ref(data, lambda _ref: _DATASET_HASHES.pop(key, None)), digest)
-    return digest
+    return h.hexdigest()
 
 
 def manifest(data: Splits | None = None) -> Manifest:
