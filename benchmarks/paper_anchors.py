@@ -281,30 +281,12 @@ def front_candidates(pareto: dict[str, Any]) -> list[Candidate]:
     ratio_name = pareto.get("metric_names", ["val_accuracy", "compression_ratio"])[1]
     out = []
     for p in pareto.get("plans", []):
-        if "refined_trial" in p:
-            out.append(
-                Candidate(
-                    int(p["refined_trial"]),
-                    float(p["refined_values"][ratio_name]),
-                    float(p["refined_test_accuracy"]),
-                    str(p.get("families", "")),
-                    str(p["refined_plan_file"]),
-                    True,
-                    p.get("refined_epochs"),
-                )
-            )
-        else:
-            out.append(
-                Candidate(
-                    int(p["trial"]),
-                    float(p["values"][ratio_name]),
-                    float(p["test_accuracy"]),
-                    str(p.get("families", "")),
-                    str(p["plan_file"]),
-                    False,
-                    p.get("epochs"),
-                )
-            )
+        refined = "refined_trial" in p
+        pre = "refined_" if refined else ""  # export writes the refined values beside, prefixed
+        out.append(Candidate(
+            int(p[f"{pre}trial"]), float(p[f"{pre}values"][ratio_name]), float(p[f"{pre}test_accuracy"]),
+            str(p.get("families", "")), str(p[f"{pre}plan_file"]), refined, p.get(f"{pre}epochs"),
+        ))
     return out
 
 
