@@ -10,13 +10,33 @@ Layout: ``MAGIC | u32 header length | zstd(JSON header) | blobs ... | u32 CRC-32
 The header names the architecture (``models.create_model`` arguments), and for every unit (a
 registered layer) its JSON spec and its streams: dtype/bits, shape, and where its blobs lie.
 No pickle: a corrupt or truncated file is refused with one clear error.
+
+Reading trusts nothing a file declares, checksum or not. Before anything big is allocated,
+``decode`` rebuilds the architecture on the meta device and checks the header against it: every
+unit path names a layer of that architecture and every layer is provided exactly once; each
+unit's spec is probed on the meta device, must rebuild to exactly that spec, replace a module of
+its kind, and hold at most ``UNIT_FACTOR`` times the bytes of that module in dense fp32 (plus
+``UNIT_SLACK``); its streams must be exactly the ones the encoder writes for that spec, with the
+same kinds, shapes, widths, masks and shares; blobs lie back to back, each raw blob has exactly
+the length its stream needs and each zstd frame declares exactly that length (checked before
+decompressing; zstd trusts a frame's declared size). The header is at most ``MAX_HEADER_BYTES``
+of JSON nested at most ``MAX_HEADER_DEPTH`` deep, the architecture at most ``MAX_MODEL_BYTES`` in
+dense fp32. So ``decode`` allocates the decoded model's tensors (at most ``UNIT_FACTOR`` times the
+architecture's dense fp32 size, plus ``UNIT_SLACK`` a unit), plus working memory while one
+stream is read (a few tens of bytes an element of that one tensor: bit unpacking, int64 codes,
+the mask), plus the header. Any violation is a :class:`CorruptArtifactError` naming the unit, stream and field. Fields that do
+not shape a tensor (a conv's stride, a BatchNorm's eps, an activation format) are taken as
+written: they are checked only for being what their layer type accepts.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +45,7 @@ import numpy as np
 import torch
 import zstandard
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 import spaces  # noqa: F401  (registers every technique's layer types and components)
 from models.errors import UserError
@@ -47,6 +68,17 @@ FORMAT_VERSION = 1
 _ZSTD_LEVEL = 9
 _SKIP_BUFFERS = ("num_batches_tracked",)  # bookkeeping, not needed for inference
 
+# Reading limits (see the module doc). Real headers hold well under 100 KB of JSON (115 units of
+# MobileNetV2: 63 KB) nested 7 deep; the largest registered model is 45 MB in dense fp32.
+MAX_HEADER_BYTES = 2 << 20
+MAX_HEADER_DEPTH = 32
+MAX_MODEL_BYTES = 1 << 30
+# A unit may hold more bytes than the dense fp32 module it replaces: a codebook layer keeps an
+# fp32 shadow weight, int64 indices and a bool mask (13 bytes a weight against 4), int-k layers
+# per-channel scales and zero points. 6x covers these; the slack covers small layers' codebooks.
+UNIT_FACTOR = 6
+UNIT_SLACK = 64 << 10
+
 
 class CorruptArtifactError(UserError):
     """The bytes are not a valid artifact (truncated, corrupted, or another format)."""
@@ -62,12 +94,57 @@ def _maybe_zstd(raw: bytes, entropy: bool = True) -> tuple[bytes, str]:
     return (packed, "zstd") if len(packed) < len(raw) else (raw, "raw")
 
 
-def _unzstd(blob: bytes, enc: str) -> bytes:
+def _show(value: Any, limit: int = 60) -> str:
+    """A JSON value as it appears in an error message (one line, cut short)."""
+    text = json.dumps(value) if not isinstance(value, bytes | bytearray) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _corrupt(where: str, problem: str) -> CorruptArtifactError:
+    return CorruptArtifactError(f"{where}: {problem}; re-export it")
+
+
+def _inflate(blob: bytes, limit: int, where: str, exact: bool = True) -> bytes:
+    """zstd-decompress ``blob`` into exactly ``limit`` bytes (at most ``limit`` unless ``exact``).
+
+    ``ZstdDecompressor().decompress`` allocates whatever size the frame header declares, so the
+    declaration is checked first; the encoder always declares it.
+    """
+    try:
+        declared = zstandard.get_frame_parameters(blob).content_size
+    except zstandard.ZstdError as exc:
+        raise _corrupt(where, f"not a zstd frame ({' '.join(str(exc).split())})") from None
+    if (declared != limit) if exact else not 0 < declared <= limit:
+        size = "an unknown number of" if declared == zstandard.CONTENTSIZE_UNKNOWN else declared
+        bound = limit if exact else f"1..{limit}"
+        raise _corrupt(where, f"zstd frame declares {size} bytes, expected {bound}")
+    try:
+        out = zstandard.ZstdDecompressor().decompress(
+            blob, max_output_size=max(limit, 1), allow_extra_data=False
+        )
+    except zstandard.ZstdError as exc:
+        raise _corrupt(where, f"zstd frame is damaged ({' '.join(str(exc).split())})") from None
+    if len(out) != declared:
+        raise _corrupt(where, f"zstd frame holds {len(out)} bytes, declares {declared}")
+    return out
+
+
+def _blob(enc: Any, blob: bytes, size: int, where: str) -> bytes:
+    """The ``size`` bytes a stream needs, from its stored blob (``enc``: "raw" or "zstd")."""
     if enc == "raw":
+        if len(blob) != size:
+            raise _corrupt(where, f"raw blob of {len(blob)} bytes, expected {size}")
         return blob
     if enc == "zstd":
-        return zstandard.ZstdDecompressor().decompress(blob)
-    raise CorruptArtifactError(f"unknown blob encoding {enc!r}")
+        return _inflate(blob, size, where)
+    raise _corrupt(where, f"unknown blob encoding {_show(enc)} (known: raw, zstd)")
+
+
+def _int(value: Any, where: str, lo: int, hi: int) -> int:
+    """``value`` if it is an integer in ``[lo, hi]`` (not a bool, not a float)."""
+    if type(value) is not int or not lo <= value <= hi:
+        raise _corrupt(where, f"expected an integer in [{lo}, {hi}], got {_show(value)}")
+    return value
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> bytes:
@@ -82,12 +159,23 @@ def pack_codes(codes: np.ndarray, bits: int) -> bytes:
 
 
 def unpack_codes(blob: bytes, bits: int, n: int) -> np.ndarray:
-    """Inverse of :func:`pack_codes`."""
-    if bits == 8:
-        return np.frombuffer(blob, dtype=np.uint8, count=n).astype(np.int64)
-    flat = np.unpackbits(np.frombuffer(blob, dtype=np.uint8), count=n * bits, bitorder="little")
-    weights = (1 << np.arange(bits, dtype=np.int64))
-    return flat.reshape(n, bits).astype(np.int64) @ weights
+    """Inverse of :func:`pack_codes` (int64 codes; ``ValueError`` if ``blob`` is too short)."""
+    if not 1 <= bits <= 32:
+        raise ValueError(f"codes need 1..32 bits, got {bits}")
+    raw = np.frombuffer(blob, dtype=np.uint8)
+    if raw.size * 8 < n * bits:
+        raise ValueError(f"{raw.size} bytes hold fewer than {n} codes of {bits} bits")
+    # Codes are summed one byte (or bit) column at a time: working memory stays near n * (bits
+    # + 16) bytes, where an (n, bits) int64 matrix would take 8 * bits bytes a code.
+    if bits % 8 == 0:
+        columns, step = raw[: n * bits // 8].reshape(n, bits // 8), 8
+    else:
+        columns = np.unpackbits(raw, count=n * bits, bitorder="little").reshape(n, bits)
+        step = 1
+    codes = np.zeros(n, dtype=np.int64)
+    for i in range(columns.shape[1]):
+        codes |= columns[:, i].astype(np.int64) << (step * i)
+    return codes
 
 
 def _relative_symbols(positions: np.ndarray, bits: int) -> np.ndarray:
@@ -128,14 +216,30 @@ def encode_positions(mask: np.ndarray, entropy: bool = True) -> tuple[bytes, dic
     return blob, {**meta, "pos_enc": enc}
 
 
-def decode_positions(blob: bytes, meta: dict[str, Any], numel: int) -> np.ndarray:
-    """Inverse of :func:`encode_positions`: the bool mask, flat."""
-    raw = _unzstd(blob, meta["pos_enc"])
-    if meta["pos"] == "bitmap":
-        return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=numel, bitorder="little").astype(bool)
-    symbols = unpack_codes(raw, meta["pos_bits"], meta["symbols"])
+def decode_positions(
+    blob: bytes, meta: dict[str, Any], numel: int, where: str = "positions"
+) -> np.ndarray:
+    """Inverse of :func:`encode_positions`: the bool mask, flat.
+
+    Every field of ``meta`` is checked against ``numel`` before anything is allocated; a bad one
+    is a :class:`CorruptArtifactError` naming ``where`` and the field.
+    """
+    pos = meta.get("pos")
+    if pos == "bitmap":
+        raw = _blob(meta.get("pos_enc"), blob, (numel + 7) // 8, where)
+        bitmap = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=numel, bitorder="little")
+        return bitmap.astype(bool)
+    if pos != "relative":
+        raise _corrupt(where, f"unknown position encoding {_show(pos)} (known: bitmap, relative)")
+    bits = _int(meta.get("pos_bits"), f"{where} pos_bits", 1, 16)
+    # At most one symbol a position plus one escape per 2**bits - 1 skipped positions.
+    count = _int(meta.get("symbols"), f"{where} symbols", 0, numel + numel // ((1 << bits) - 1))
+    raw = _blob(meta.get("pos_enc"), blob, (count * bits + 7) // 8, where)
+    positions = _positions_from_symbols(unpack_codes(raw, bits, count), bits)
+    if len(positions) and positions[-1] >= numel:
+        raise _corrupt(where, f"position {int(positions[-1])} lies outside the {numel} elements")
     mask = np.zeros(numel, dtype=bool)
-    mask[_positions_from_symbols(symbols, meta["pos_bits"])] = True
+    mask[positions] = True
     return mask
 
 
@@ -151,12 +255,14 @@ def _value_bytes(stream: Stream, kept: Tensor | None) -> bytes:
     return t.to(FLOAT_DTYPES[stream.dtype]).contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def _values_from_bytes(raw: bytes, meta: dict[str, Any], n: int) -> Tensor:
-    if meta["kind"] == "codes":
-        return torch.from_numpy(unpack_codes(raw, meta["bits"], n))
-    dtype = FLOAT_DTYPES[meta["dtype"]]
+def _values_from_bytes(raw: bytes, stream: Stream, n: int) -> Tensor:
+    """``n`` values of ``stream``'s kind from exactly the bytes they take."""
+    if stream.kind == "codes":
+        return torch.from_numpy(unpack_codes(raw, stream.bits, n))
+    if n == 0:  # a fully pruned layer stores no values (torch.frombuffer refuses empty buffers)
+        return torch.zeros(0)
     u8 = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    return u8.view(dtype)[:n].float()
+    return u8.view(FLOAT_DTYPES[stream.dtype])[:n].float()
 
 
 @dataclass
@@ -307,75 +413,411 @@ def encoded_size(model: nn.Module) -> int:
     return len(encode(model))
 
 
+# ------------------------------------------------------------------------------------ reading
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def _json_depth(text: bytes) -> int:
+    """How deep arrays and objects nest in JSON ``text`` (strings skipped; an unterminated one
+    only makes the count larger, and such text is no JSON anyway)."""
+    chars = np.frombuffer(_JSON_STRING.sub(b"", text), dtype=np.uint8)
+    opens = np.isin(chars, (ord("["), ord("{"))).astype(np.int64)
+    return int(np.cumsum(opens - np.isin(chars, (ord("]"), ord("}")))).max(initial=0))
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not np.isfinite(value):
+        raise ValueError(f"number {text[:30]} is not finite")
+    return value
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number a header holds")
+
+
 def _read_header(data: bytes) -> tuple[dict[str, Any], memoryview]:
     if len(data) < len(MAGIC) + 8 or data[: len(MAGIC)] != MAGIC:
-        raise CorruptArtifactError("not a pareto-compress artifact (bad magic); expected a .pcz file written by storage.codec.encode")
+        raise CorruptArtifactError(
+            "not a pareto-compress artifact (bad magic); expected a .pcz file written by storage.codec.encode"
+        )
     (crc,) = struct.unpack("<I", data[-4:])
     if zlib.crc32(data[:-4]) != crc:
-        raise CorruptArtifactError(f"artifact is corrupt or truncated ({len(data)} bytes, checksum mismatch); re-export it")
+        raise CorruptArtifactError(
+            f"artifact is corrupt or truncated ({len(data)} bytes, checksum mismatch); re-export it"
+        )
     (hlen,) = struct.unpack("<I", data[4:8])
+    if 8 + hlen > len(data) - 4:
+        raise _corrupt(
+            "artifact header", f"length {hlen} runs past the end of the file ({len(data)} bytes)"
+        )
+    text = _inflate(bytes(data[8 : 8 + hlen]), MAX_HEADER_BYTES, "artifact header", exact=False)
+    # json.loads recurses once per nesting level: count the levels before parsing.
+    if (depth := _json_depth(text)) > MAX_HEADER_DEPTH:
+        raise _corrupt(
+            "artifact header", f"JSON nested {depth} levels deep (at most {MAX_HEADER_DEPTH})"
+        )
     try:
-        header = json.loads(zstandard.ZstdDecompressor().decompress(data[8 : 8 + hlen]))
-    except (zstandard.ZstdError, ValueError) as exc:
-        raise CorruptArtifactError(f"artifact header is unreadable: {exc}") from None
+        header = json.loads(text, parse_float=_finite, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        raise _corrupt(
+            "artifact header", f"unreadable JSON ({' '.join(str(exc).split())[:200]})"
+        ) from None
     if not isinstance(header, dict):
         raise CorruptArtifactError("artifact header is not a JSON object; re-export it")
     if header.get("format") != FORMAT_VERSION:
-        raise CorruptArtifactError(f"artifact format {header.get('format')} is not supported (expected {FORMAT_VERSION})")
+        raise CorruptArtifactError(
+            f"artifact format {_show(header.get('format'))} is not supported (expected {FORMAT_VERSION})"
+        )
     return header, memoryview(data)[8 + hlen : -4]
 
 
-def _read_stream(meta: dict[str, Any], payload: memoryview, shared: dict[str, dict[str, Any]]) -> tuple[Tensor, Tensor | None]:
-    if "ref" in meta:
-        meta = shared[meta["ref"]]
-    elif "share" in meta:
-        shared[meta["share"]] = meta
-    shape, numel = meta["shape"], int(np.prod(meta["shape"], dtype=np.int64))
-    start, length = meta["span"]
-    values = _values_from_bytes(_unzstd(bytes(payload[start : start + length]), meta["enc"]), meta, meta["n"])
-    if "pos" not in meta:
+def _keys(obj: Any, want: set[str], where: str, noun: str = "field") -> dict[str, Any]:
+    """``obj`` if it is a JSON object with exactly the keys ``want``."""
+    if not isinstance(obj, dict):
+        raise _corrupt(where, f"expected a JSON object, got {_show(obj)}")
+    if missing := sorted(want - obj.keys()):
+        raise _corrupt(where, f"{noun} {missing[0]!r} is missing")
+    if extra := sorted(obj.keys() - want):
+        raise _corrupt(where, f"unknown {noun} {_show(extra[0])}")
+    return obj
+
+
+def _preview(names: list[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+# A header that passes the checksum can still be wrong (a bug, a hand-edited file): whatever
+# building from it raises is reported as a corrupt artifact, never as a traceback from inside.
+_DECODE_ERRORS = (
+    KeyError,
+    IndexError,
+    ValueError,
+    RuntimeError,
+    TypeError,
+    AttributeError,
+    ArithmeticError,
+    zstandard.ZstdError,
+    UserError,
+)
+
+
+@contextmanager
+def _as_corrupt(where: str) -> Iterator[None]:
+    try:
+        yield
+    except CorruptArtifactError:
+        raise
+    except _DECODE_ERRORS as exc:
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise _corrupt(where, detail) from None
+
+
+# In-place random fills: on a meta tensor they change nothing, yet their first call imports the
+# compiler stack (torch._refs, about 2 s), so they are skipped there.
+_RANDOM_FILLS = frozenset(
+    {
+        "normal_",
+        "uniform_",
+        "bernoulli_",
+        "random_",
+        "exponential_",
+        "cauchy_",
+        "log_normal_",
+        "geometric_",
+    }
+)
+
+
+class _OnMeta(TorchFunctionMode):
+    """Tensors created inside are on the meta device even where a call names another device (a
+    spec may pass ``device`` to its constructor): probing a spec's size allocates nothing."""
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        if (
+            getattr(func, "__name__", "") in _RANDOM_FILLS
+            and args
+            and getattr(args[0], "is_meta", False)
+        ):
+            return args[0]
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs:
+            kwargs["device"] = torch.device("meta")
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def _on_meta() -> Iterator[None]:
+    with torch.device("meta"), _OnMeta():
+        yield
+
+
+def _tensor_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer of ``module`` as held (int64 indices take 8 each)."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def _dense_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s tensors in dense fp32 (bookkeeping buffers not counted)."""
+    named = [*module.named_parameters(), *module.named_buffers()]
+    return 4 * sum(t.numel() for n, t in named if n.rsplit(".", 1)[-1] not in _SKIP_BUFFERS)
+
+
+def _leaves(unit: nn.Module) -> list[nn.Module]:
+    """The layers holding a unit's tensors: the unit, or the leaves of a container's children."""
+    lt = layer_type_of(unit)
+    if lt is None or not lt.children:
+        return [unit]
+    return [leaf for name in lt.children for leaf in _leaves(getattr(unit, name))]
+
+
+def _architecture(arch: Any) -> nn.Module:
+    """The registry's model the header's ``arch`` names, on the meta device (no memory)."""
+    arch = _keys(arch, {"name", "num_classes", "in_channels"}, "artifact arch")
+    name = arch["name"]
+    if not isinstance(name, str):
+        raise _corrupt("artifact arch.name", f"expected a model name, got {_show(name)}")
+    classes = _int(arch["num_classes"], "artifact arch.num_classes", 1, 2**31 - 1)
+    channels = _int(arch["in_channels"], "artifact arch.in_channels", 1, 2**31 - 1)
+    with _as_corrupt("artifact arch"), _on_meta():
+        model = create_model(name, num_classes=classes, in_channels=channels)
+    if (size := _dense_bytes(model)) > MAX_MODEL_BYTES:
+        raise _corrupt(
+            "artifact arch",
+            f"{name} with {classes} classes and {channels} input channels takes {size} bytes "
+            f"in fp32, more than the {MAX_MODEL_BYTES} a decoder accepts",
+        )
+    return model
+
+
+def _unit_records(units: Any, layers: dict[str, nn.Module], name: str) -> list[dict[str, Any]]:
+    """The header's unit records, checked to name every layer of the architecture exactly once."""
+    if not isinstance(units, list):
+        raise _corrupt("artifact units", f"expected a list, got {_show(units)}")
+    records: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for i, rec in enumerate(units):
+        rec = _keys(rec, {"path", "spec", "streams"}, f"artifact units[{i}]")
+        path = rec["path"]
+        if not isinstance(path, str) or path not in layers:
+            raise _corrupt(
+                f"artifact units[{i}].path",
+                f"{_show(path)} names no layer of {name} (its layers: {_preview(list(layers))})",
+            )
+        if path in seen:
+            raise _corrupt(f"artifact unit {path!r}", "appears twice")
+        seen.add(path)
+        records.append(rec)
+    if missing := [p for p in layers if p not in seen]:
+        raise _corrupt(
+            "artifact units",
+            f"{len(missing)} layer(s) of {name} missing ({_preview(missing)}): "
+            "the decoded model would keep random weights there",
+        )
+    return records
+
+
+def _build_unit(spec: Any, base: nn.Module, where: str) -> nn.Module:
+    """The unit ``spec`` describes, built only after a probe on the meta device showed that it is
+    exactly that spec, stands for a module of ``base``'s kind and is no larger than allowed."""
+    where = f"{where} spec"
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+        raise _corrupt(where, f"expected an object with a 'type', got {_show(spec)}")
+    with _as_corrupt(where):
+        with _on_meta():
+            probe = build_layer(spec)
+        canonical = json.loads(json.dumps(layer_spec(probe)))
+        bits = [
+            leaf.weight_repr.bits_per_weight()
+            for leaf in _leaves(probe)
+            if isinstance(leaf, CConv2d | CLinear) and leaf.weight_repr is not None
+        ]
+    if canonical != spec:
+        if extra := sorted(spec.keys() - canonical.keys()):
+            raise _corrupt(where, f"unknown field {_show(extra[0])} for a {spec['type']}")
+        if missing := sorted(canonical.keys() - spec.keys()):
+            raise _corrupt(where, f"field {missing[0]!r} is missing")
+        key = next(k for k in sorted(spec) if spec[k] != canonical[k])
+        raise _corrupt(
+            where,
+            f"field {key!r} is {_show(spec[key])}, but the layer it builds has {_show(canonical[key])}",
+        )
+    base_type = type(base)
+    if not all(isinstance(leaf, base_type) for leaf in _leaves(probe)):
+        raise _corrupt(
+            where,
+            f"a {spec['type']} cannot stand for the {base_type.__name__} the architecture has there",
+        )
+    size, dense = _tensor_bytes(probe), _dense_bytes(base)
+    if size > UNIT_FACTOR * dense + UNIT_SLACK:
+        raise _corrupt(
+            where,
+            f"its {spec['type']} holds {size} bytes of tensors, more than the {UNIT_FACTOR} x "
+            f"{dense} + {UNIT_SLACK} allowed for the {base_type.__name__} the architecture has there",
+        )
+    if not all(b <= 32 for b in bits):  # a representation's math may grow with its width
+        raise _corrupt(
+            where, f"a weight representation uses {max(bits)} bits per weight (at most 32)"
+        )
+    with _as_corrupt(where):
+        return build_layer(spec)
+
+
+@dataclass
+class _Payload:
+    """The blobs after the header, taken back to back in the order the header names them."""
+
+    data: memoryview
+    offset: int = 0
+
+    def take(self, span: Any, where: str) -> bytes:
+        """The blob at ``span`` (``[start, length]``); it must start where the last one ended."""
+        if not isinstance(span, list) or len(span) != 2:
+            raise _corrupt(where, f"expected [start, length], got {_show(span)}")
+        _int(span[0], f"{where} start", self.offset, self.offset)
+        length = _int(span[1], f"{where} length", 0, len(self.data) - self.offset)
+        self.offset += length
+        return bytes(self.data[self.offset - length : self.offset])
+
+    def finish(self) -> None:
+        """Refuse bytes that no blob accounts for."""
+        if self.offset != len(self.data):
+            extra = len(self.data) - self.offset
+            raise _corrupt(
+                "artifact payload", f"{extra} bytes follow the last blob the header names"
+            )
+
+
+def _read_stream(
+    meta: Any, exp: Stream, payload: _Payload, where: str
+) -> tuple[Tensor, Tensor | None]:
+    """One stream, its fields checked against ``exp`` (what the encoder writes for the unit's
+    spec) before its blobs are read: every size read comes from ``exp``, not from the file."""
+    masked, numel, shape = exp.mask is not None, exp.tensor.numel(), list(exp.tensor.shape)
+    want = {"kind", "shape", "enc", "span", "n", "bits" if exp.kind == "codes" else "dtype"}
+    if masked:
+        want |= {"pos", "pos_enc", "pos_span", "nnz"}
+        if isinstance(meta, dict) and meta.get("pos") == "relative":
+            want |= {"pos_bits", "symbols"}
+    if exp.share is not None:
+        want.add("share")
+    _keys(meta, want, where)
+    if meta["shape"] != shape:
+        raise _corrupt(
+            where, f"shape {_show(meta['shape'])} does not match the {shape} its layer spec implies"
+        )
+    if meta["kind"] != exp.kind:
+        raise _corrupt(where, f"kind {_show(meta['kind'])}, but its layer stores {exp.kind!r}")
+    if exp.kind == "codes" and (type(meta["bits"]) is not int or meta["bits"] != exp.bits):
+        raise _corrupt(
+            where, f"bits {_show(meta['bits'])}, but its layer stores {exp.bits}-bit codes"
+        )
+    if exp.kind == "float" and meta["dtype"] != exp.dtype:
+        raise _corrupt(where, f"dtype {_show(meta['dtype'])}, but its layer stores {exp.dtype!r}")
+    if exp.share is not None and meta["share"] != exp.share:
+        raise _corrupt(where, f"share {_show(meta['share'])}, but its layer shares {exp.share!r}")
+    n = _int(meta["nnz"], f"{where} nnz", 0, numel) if masked else numel
+    if type(meta["n"]) is not int or meta["n"] != n:
+        held = f"its mask keeps {n}" if masked else f"its shape holds {n}"
+        raise _corrupt(where, f"n = {_show(meta['n'])} values, but {held}")
+    kept = None
+    if masked:
+        pos_blob = payload.take(meta["pos_span"], f"{where} pos_span")
+        flat = decode_positions(pos_blob, meta, numel, f"{where} positions")
+        if (count := int(flat.sum())) != n:
+            raise _corrupt(where, f"its positions keep {count} elements, nnz says {n}")
+        kept = torch.from_numpy(flat)
+    size = (n * exp.bits + 7) // 8 if exp.kind == "codes" else n * FLOAT_DTYPES[exp.dtype].itemsize
+    raw = _blob(meta["enc"], payload.take(meta["span"], f"{where} span"), size, where)
+    values = _values_from_bytes(raw, exp, n)
+    if kept is None:
         return values.reshape(shape), None
-    ps, pl = meta["pos_span"]
-    kept = torch.from_numpy(decode_positions(bytes(payload[ps : ps + pl]), meta, numel))
     full = torch.zeros(numel, dtype=values.dtype)
     full[kept] = values
     return full.reshape(shape), kept.reshape(shape)
 
 
-# A header that passes the checksum can still be wrong (a bug, a hand-edited file): whatever
-# rebuilding it raises is reported as a corrupt artifact, never as a traceback from inside.
-_DECODE_ERRORS = (KeyError, IndexError, ValueError, RuntimeError, TypeError, AttributeError, zstandard.ZstdError)
+_Shared = dict[str, tuple[Stream, nn.Parameter, Tensor | None]]
+
+
+def _unit_stream(
+    meta: Any, exp: Stream, payload: _Payload, shared: _Shared, where: str
+) -> tuple[Tensor, Tensor | None]:
+    """A unit's stream; a shared one (a global codebook) is stored by its first user, and the
+    later ones refer to it (``{"ref": key}``) and hold the same Parameter."""
+    if exp.share is not None and exp.share in shared:
+        _keys(meta, {"ref"}, where)
+        if meta["ref"] != exp.share:
+            raise _corrupt(where, f"ref {_show(meta['ref'])}, but its layer shares {exp.share!r}")
+        first, param, kept = shared[exp.share]
+        if (first.kind, first.dtype, first.bits, first.tensor.shape) != (
+            exp.kind,
+            exp.dtype,
+            exp.bits,
+            exp.tensor.shape,
+        ):
+            have, need = list(first.tensor.shape), list(exp.tensor.shape)
+            raise _corrupt(
+                where, f"shared stream {exp.share!r} holds {have}, its layer needs {need}"
+            )
+        return param, kept
+    t, kept = _read_stream(meta, exp, payload, where)
+    if exp.share is None:
+        return t, kept
+    param = nn.Parameter(t, requires_grad=t.is_floating_point())
+    shared[exp.share] = (exp, param, kept)
+    return param, kept
 
 
 def decode(data: bytes, device: torch.device | str = "cpu") -> nn.Module:
-    """Rebuild the model encoded in ``data`` (eval mode, on ``device``)."""
+    """Rebuild the model encoded in ``data`` (eval mode, on ``device``).
+
+    Anything but what :func:`encode` writes is a :class:`CorruptArtifactError`, found before any
+    large allocation (see the module doc for the checks and the memory bound)."""
     header, payload = _read_header(data)
-    try:
+    with _as_corrupt("artifact does not match its header"):
         model = _rebuild(header, payload)
-    except _DECODE_ERRORS as exc:
-        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-        raise CorruptArtifactError(f"artifact does not match its header ({detail}); re-export it") from None
     return model.to(device).eval()
 
 
-def _rebuild(header: dict[str, Any], payload: memoryview) -> nn.Module:
-    arch = header["arch"]
-    model = create_model(arch["name"], num_classes=arch["num_classes"], in_channels=arch["in_channels"])
-    shared: dict[str, dict[str, Any]] = {}
-    tied: dict[str, nn.Parameter] = {}
-    for rec in header["units"]:
-        unit = build_layer(rec["spec"])
+def _rebuild(header: dict[str, Any], data: memoryview) -> nn.Module:
+    _keys(header, {"format", "arch", "units"}, "artifact header")
+    model = _architecture(header["arch"])  # on the meta device until every unit replaces its part
+    layers = dict(iter_units(model))
+    records = _unit_records(header["units"], layers, header["arch"]["name"])
+    payload = _Payload(data)
+    shared: _Shared = {}
+    for rec in records:
+        path = rec["path"]
+        where = f"artifact unit {path!r}"
+        unit = _build_unit(rec["spec"], layers[path], where)
+        with _as_corrupt(f"{where} spec"):
+            expected = export_unit(unit)  # exactly the streams the encoder writes for this spec
+        streams = _keys(rec["streams"], set(expected), f"{where} streams", noun="stream")
         tensors, masks = {}, {}
-        for key, meta in rec["streams"].items():
-            share = meta.get("ref") or meta.get("share")
-            t, kept = _read_stream(meta, payload, shared)
-            if share is not None:
-                t = tied.setdefault(share, nn.Parameter(t, requires_grad=t.is_floating_point()))
-            tensors[key] = t
+        for key, meta in streams.items():  # in header order: the order of the blobs
+            tensors[key], kept = _unit_stream(
+                meta, expected[key], payload, shared, f"{where} stream {key!r}"
+            )
             if kept is not None:
                 masks[key] = kept
-        load_unit(unit, tensors, masks)
-        replace_module(model, rec["path"], unit)
+        with _as_corrupt(where):
+            load_unit(unit, tensors, masks)
+        replace_module(model, path, unit)
+    payload.finish()
+    tensors_left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if tensors_left:
+        raise _corrupt(
+            "artifact units", f"tensor {tensors_left[0]!r} of the architecture is in no unit"
+        )
     return model
 
 

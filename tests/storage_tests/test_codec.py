@@ -188,6 +188,8 @@ def _corruptions(data: bytes) -> dict[str, bytes]:
     good_header = json.loads(zstandard.ZstdDecompressor().decompress(data[8 : 8 + struct.unpack("<I", data[4:8])[0]]))
     bad_unit = json.loads(json.dumps(good_header))
     bad_unit["units"][0]["spec"]["type"] = "NoSuchLayer"
+    class_path = json.loads(json.dumps(good_header))
+    class_path["units"][0]["path"] = "__class__"
     return {
         "flipped byte": bytes(flipped),
         "truncated": data[: len(data) // 3],
@@ -197,6 +199,8 @@ def _corruptions(data: bytes) -> dict[str, bytes]:
         "header not an object": _with_header([1, 2, 3]),
         "header without arch": _with_header({"format": 1, "units": []}),
         "unknown layer type": _with_header(bad_unit),
+        "no units": _with_header({**good_header, "units": []}),
+        "unit path __class__": _with_header(class_path),
         "header length past the end": _with_crc(MAGIC + struct.pack("<I", 10**9) + b"\x00" * 32),
     }
 
@@ -226,6 +230,16 @@ def test_fp32_round_trip_reproduces_logits_exactly(name: str) -> None:
     x = _inputs(name)
     with torch.no_grad():
         assert torch.equal(decode(encode(model))(x), model(x))
+
+
+def test_a_fully_pruned_layer_round_trips() -> None:
+    model = _pruned(_model("lenet300"), 0.7)
+    model.fc3.set_mask(torch.zeros_like(model.fc3.mask))  # no values stored at all
+    decoded = decode(encode(model))
+    x = _inputs("lenet300")
+    with torch.no_grad():
+        assert torch.equal(decoded(x), model(x))
+    assert not decoded.fc3.mask.any()
 
 
 def test_pruned_int4_round_trip_reproduces_logits_and_masks() -> None:
