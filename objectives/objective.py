@@ -33,9 +33,11 @@ from torch import nn
 from models.train import EpochRecord, TrainHook, evaluate_split
 from objectives import record
 from objectives.pipeline import Outcome, Workbench, finish, prepare
+from objectives.sensitivity import SensitivityProfile
 from objectives.size import bitops
 from spaces.plan import Plan, StudySpace, compressible_layers, suggest_plan
 from spaces.policy import LayerPolicy
+from spaces.registry import techniques
 
 OBJECTIVES = {"acc": ("val_accuracy", "maximize"), "ratio": ("compression_ratio", "maximize"), "bitops": ("bitops", "minimize")}
 StopFactory = Callable[[optuna.Trial, float, int], TrainHook | None]  # (trial, ratio, epochs)
@@ -152,8 +154,14 @@ class Objective:
         self.policy, self.finetune_space, self.seed, self.log = policy, finetune_space, seed, log
         self._context: dict[str, Any] | None = None
         # Few layers (the LeNets, the digits CNN): each eligible layer samples its own intensity.
+        # More (ResNets): one skew per technique, resolved by the baseline's sensitivity profile.
+        # per_layer_max == 0 (studies made before per-layer sampling): uniform plans only.
         few = len(compressible_layers(bench.baseline)) <= space.per_layer_max
-        self.layers = [p for p, _ in (policy or LayerPolicy()).eligible(bench.baseline)] if few else []
+        known = techniques()
+        deep = space.per_layer_max > 0 and space.skew and not few
+        self.skewed = [n for n in space.technique_names() if deep and n in known and known[n].stronger]
+        eligible = [p for p, _ in (policy or LayerPolicy()).eligible(bench.baseline)]
+        self.layers = eligible if few or self.skewed else []
 
     def context(self) -> dict[str, Any]:
         """Record fields every trial of this worker shares (the manifest hashes the dataset:
@@ -166,6 +174,13 @@ class Objective:
             )
         return self._context
 
+    def sensitivity(self) -> SensitivityProfile | None:
+        """The baseline's sensitivity profile on a deep model whose space has techniques to skew
+        (None otherwise): loaded or measured on the first trial that needs it, not before."""
+        if not self.skewed:
+            return None
+        return self.bench.sensitivity(self.policy or LayerPolicy(), self.skewed, log=self.log)
+
     def trial_seed(self, trial: optuna.Trial) -> int:
         """The seed a trial (and ``search.apply`` of its plan) uses."""
         return self.seed * 100_003 + trial.number
@@ -177,7 +192,7 @@ class Objective:
         if refining:
             plan, seed = self.refinement(trial)
         else:
-            plan = suggest_plan(trial, self.space, self.policy, self.finetune_space, self.layers)
+            plan = suggest_plan(trial, self.space, self.policy, self.finetune_space, self.layers, self.sensitivity())
             seed = self.trial_seed(trial)
         # The plan first, before anything can fail: a failed trial still shows what it ran.
         record.write(trial, plan=plan.to_dict(), families=plan.families, seed=seed, **self.context())
@@ -216,7 +231,7 @@ class Objective:
 
         # The trial was enqueued with the parent's params: suggesting them again (fixed values)
         # gives it the parent's params and distributions, as the samplers and dashboard expect.
-        suggest_plan(trial, self.space, self.policy, self.finetune_space, self.layers)
+        suggest_plan(trial, self.space, self.policy, self.finetune_space, self.layers, self.sensitivity())
         number, epochs = int(trial.user_attrs[record.REFINE_OF]), int(trial.user_attrs[record.FIDELITY_EPOCHS])
         parent = next((t for t in trial.study.get_trials(deepcopy=False) if t.number == number), None)
         if parent is None or parent.state != optuna.trial.TrialState.COMPLETE or is_refinement(parent):

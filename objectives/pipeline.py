@@ -10,6 +10,7 @@ import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,8 +27,10 @@ from models.train import (
     recalibrate_batchnorm,
     train,
 )
+from objectives.sensitivity import SensitivityProfile, load_or_measure_profile
 from objectives.size import measure
 from spaces.plan import AppliedPlan, Plan, apply_plan
+from spaces.policy import LayerPolicy
 from spaces.registry import ApplyContext
 
 
@@ -42,6 +45,9 @@ class Workbench:
     baseline_bytes: int
     device: torch.device
     seed: int = 0
+    store: str | None = None  # the store the baseline is cached in (None: profiles stay in memory)
+    profiles: dict[tuple[LayerPolicy, tuple[str, ...]], SensitivityProfile] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Every trial slices the resident copy: a workbench built from host data moves it once,
@@ -72,7 +78,22 @@ class Workbench:
         data = host.to(device)
         del host  # on a GPU the host copy is no longer needed
         model, record = load_or_train_baseline(p, data, seed=seed, store=store, device=device, log=log)
-        return cls(p, data, model, record, measure(model).bytes, device, seed)
+        return cls(p, data, model, record, measure(model).bytes, device, seed, str(store))
+
+    def sensitivity(self, policy: LayerPolicy, techniques: Sequence[str],
+                    log: Callable[[str], None] | None = None) -> SensitivityProfile:
+        """The baseline's sensitivity profile for ``techniques`` on ``policy``'s eligible layers
+        (:mod:`objectives.sensitivity`): computed on first use only, read from or written to the
+        baseline's folder in the store, and kept for the worker's later trials."""
+        key = (policy, tuple(techniques))
+        if key not in self.profiles:
+            # The baseline's folder, as models.baseline names it.
+            folder = Path(self.store) / "baselines" / f"{self.record.preset}-{self.record.key}" if self.store else None
+            self.profiles[key] = load_or_measure_profile(
+                self.baseline, self.data, baseline_key=self.record.key, folder=folder, policy=policy,
+                techniques=techniques, device=self.device, calibration=calibration(self.data, self.device), log=log,
+            )
+        return self.profiles[key]
 
     def input_shape(self) -> tuple[int, int, int, int]:
         """Shape of one input image batch of size 1."""

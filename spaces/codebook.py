@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -411,6 +412,7 @@ class Codebook(Technique[CodebookConfig, CodebookState]):
     family = "codebook"
     families = METHODS
     config_cls = CodebookConfig
+    stronger = MappingProxyType({"clusters": -1})  # fewer entries compress more
 
     def family_of(self, config: CodebookConfig) -> str:
         """The clustering method (``kmeans``, ``gmm``, ``dbscan``) as the chart label."""

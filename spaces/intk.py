@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import optuna
@@ -161,6 +162,7 @@ class IntK(Technique[IntConfig, None]):
     stage = "weights"
     family = "int"
     config_cls = IntConfig
+    stronger = MappingProxyType({"bits": -1})  # fewer bits compress more
 
     def suggest(self, trial: optuna.Trial, prefix: str) -> IntConfig:
         """bits in 2..8, symmetric or not, learned step or not."""

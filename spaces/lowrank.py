@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, cast
 
 import optuna
@@ -209,6 +210,7 @@ class LowRankSVD(Technique[LowRankConfig, None]):
     stage = "structure"
     family = "lowrank"
     config_cls = LowRankConfig
+    stronger = MappingProxyType({"rank_ratio": -1, "energy": -1})  # a lower rank compresses more
     combinable = True
     order = 1  # after structured pruning: factorise the layers that remain
 

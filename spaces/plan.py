@@ -19,10 +19,11 @@ import copy
 import dataclasses
 import itertools
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
 from optuna.distributions import (
@@ -267,13 +268,16 @@ class StudySpace:
     A choice is ``"none"`` (skip the stage), ``"fp32"`` (no weight representation), a technique
     name, or structure techniques chained with ``+``. A stage with a single choice is fixed (not
     sampled); a stage that is absent is skipped. On a model with at most ``per_layer_max``
-    conv/linear layers every eligible layer samples its own intensity (0: never).
+    conv/linear layers every eligible layer samples its own intensity (0: never); on a model
+    with more, ``skew`` lets one skew per technique spread the intensity by the baseline's
+    sensitivity profile (studies recorded before skews existed keep uniform plans there).
     """
 
     name: str
     stages: Mapping[str, tuple[str, ...]]
     description: str = ""
     per_layer_max: int = 0
+    skew: bool = True
 
     def options(self, stage: str) -> tuple[str, ...]:
         """Allowed choices of ``stage`` (``("none",)`` when the study leaves it out)."""
@@ -291,6 +295,7 @@ class StudySpace:
             "name": self.name,
             "stages": {s: list(o) for s, o in self.stages.items()},
             "per_layer_max": self.per_layer_max,
+            "skew": self.skew,
             "techniques": {n: technique_fingerprint(get_technique(n)) for n in self.technique_names()},
         }
 
@@ -299,7 +304,7 @@ class StudySpace:
         """The space a study recorded (see :meth:`record`)."""
         # Studies recorded before per-layer sampling existed keep sampling without it.
         return cls(str(record["name"]), {s: tuple(o) for s, o in record["stages"].items()},
-                   per_layer_max=int(record.get("per_layer_max", 0)))
+                   per_layer_max=int(record.get("per_layer_max", 0)), skew=bool(record.get("skew", False)))
 
 
 def _stage_choices(stage: str, names: Iterable[str], optional: bool) -> tuple[str, ...]:
@@ -465,12 +470,115 @@ def suggest_layers(trial: optuna.Trial, technique: AnyTechnique, config: Techniq
     return out
 
 
+# ------------------------------------------------------------- skewed per-layer values (deep models)
+
+SKEW_SCALE = 0.25  # shift of a layer one standard deviation from the mean sensitivity, at skew 1
+SKEW_CLIP = 2.0  # standardised sensitivities are clipped to [-SKEW_CLIP, SKEW_CLIP]
+
+
+class LayerSensitivity(Protocol):
+    """How much each layer's accuracy suffers from one technique's intensity (implemented by
+    :class:`objectives.sensitivity.SensitivityProfile`)."""
+
+    def covers(self, technique: str, field: str) -> bool:
+        """Whether :meth:`drop` knows ``technique``'s ``field``."""
+        ...
+
+    def drop(self, technique: str, field: str, layer: str, value: float) -> float:
+        """Validation accuracy drop of the baseline with only ``layer`` compressed at ``value``."""
+        ...
+
+
+def to_unit(dist: BaseDistribution, value: float) -> float:
+    """``value``'s position in ``dist``'s range, 0 at ``low`` and 1 at ``high``: linear, or
+    logarithmic for a log distribution (the coordinate the sampler itself works in); clipped."""
+    assert isinstance(dist, FloatDistribution | IntDistribution)
+    lo, hi, x = float(dist.low), float(dist.high), float(value)
+    if dist.log:
+        lo, hi, x = math.log(lo), math.log(hi), math.log(max(x, dist.low))
+    return min(1.0, max(0.0, (x - lo) / (hi - lo))) if hi > lo else 0.0
+
+
+def from_unit(dist: BaseDistribution, t: float) -> float | int:
+    """Inverse of :func:`to_unit`: the value at position ``t`` (clipped to [0, 1]), on the
+    distribution's step (integers rounded) and within its range."""
+    assert isinstance(dist, FloatDistribution | IntDistribution)
+    t = min(1.0, max(0.0, t))
+    lo, hi = float(dist.low), float(dist.high)
+    x = math.exp(math.log(lo) + t * (math.log(hi) - math.log(lo))) if dist.log else lo + t * (hi - lo)
+    if dist.step is not None:
+        x = lo + round((x - lo) / dist.step) * dist.step
+    if isinstance(dist, IntDistribution):
+        return int(min(hi, max(lo, round(x))))
+    return min(hi, max(lo, round(x, 4)))  # four decimals: a plan file stays readable
+
+
+def skewable(technique: AnyTechnique, config: TechniqueConfig) -> list[tuple[str, BaseDistribution]]:
+    """The per-layer fields of ``config`` that have a direction (:attr:`Technique.stronger`)
+    and a numeric distribution in the technique's ``suggest``, with that distribution."""
+    params = technique_fingerprint(technique)["params"]
+    out: list[tuple[str, BaseDistribution]] = []
+    for f in technique.per_layer(config):
+        spec = params.get(f"{technique.name}.{f}")
+        if f not in technique.stronger or spec is None:
+            continue
+        dist = json_to_distribution(json.dumps(spec))
+        if isinstance(dist, FloatDistribution | IntDistribution):
+            out.append((f, dist))
+    return out
+
+
+def skew_layers(technique: AnyTechnique, config: TechniqueConfig, layers: Sequence[str], skew: float,
+                sensitivity: LayerSensitivity) -> dict[str, dict[str, Any]]:
+    """Per-layer values of ``config``'s intensity, skewed by sensitivity.
+
+    For each skewable field (:func:`skewable`) with the step's value ``g``: each layer's
+    sensitivity is the profile's accuracy drop at ``g`` with only that layer compressed; the
+    drops are standardised across ``layers`` (``z``, clipped to ±:data:`SKEW_CLIP`) and each
+    layer moves from ``g`` by ``-direction * skew * z * SKEW_SCALE`` in the distribution's unit
+    coordinate (:func:`to_unit`: linear, log for log distributions; integers rounded, clipped to
+    the range). Sensitive layers get milder values, insensitive ones stronger. ``skew == 0``, or
+    equal sensitivities, give no overrides: the uniform plan.
+    """
+    if skew <= 0 or len(layers) < 2:
+        return {}
+    out: dict[str, dict[str, Any]] = {p: {} for p in layers}
+    moved = False
+    for f, dist in skewable(technique, config):
+        if not sensitivity.covers(technique.name, f):
+            continue
+        g = getattr(config, f)
+        drops = [sensitivity.drop(technique.name, f, p, g) for p in layers]
+        mean = sum(drops) / len(drops)
+        std = math.sqrt(sum((d - mean) ** 2 for d in drops) / len(drops))
+        if std < 1e-12:
+            continue  # no layer is more sensitive than another: nothing to skew by
+        moved = True
+        direction, unit = technique.stronger[f], to_unit(dist, g)
+        for p, d in zip(layers, drops, strict=True):
+            z = min(SKEW_CLIP, max(-SKEW_CLIP, (d - mean) / std))
+            out[p][f] = from_unit(dist, unit - direction * skew * z * SKEW_SCALE)
+    return out if moved else {}
+
+
+def suggest_skew(trial: optuna.Trial, technique: AnyTechnique, config: TechniqueConfig, layers: Sequence[str],
+                 sensitivity: LayerSensitivity) -> dict[str, dict[str, Any]]:
+    """Per-layer overrides of ``config`` on a model with many layers: one parameter
+    ``<technique>.skew`` in [0, 1] (sampled only when the step has a skewable field the profile
+    covers) resolved into each layer's value by :func:`skew_layers`."""
+    if len(layers) < 2 or not any(sensitivity.covers(technique.name, f) for f, _ in skewable(technique, config)):
+        return {}
+    skew = trial.suggest_float(f"{technique.name}.skew", 0.0, 1.0)
+    return skew_layers(technique, config, layers, skew, sensitivity)
+
+
 def suggest_plan(
     trial: optuna.Trial,
     space: StudySpace,
     policy: LayerPolicy | None = None,
     finetune_space: Mapping[str, tuple[float, float]] | None = None,
     layers: Sequence[str] = (),
+    sensitivity: LayerSensitivity | None = None,
 ) -> Plan:
     """Sample a plan of ``space`` from an Optuna trial.
 
@@ -478,7 +586,9 @@ def suggest_plan(
     chosen technique's parameters (``<technique>.<param>``) are suggested. ``layers`` (the
     eligible layers of a model with few of them, see :attr:`StudySpace.per_layer_max`) get
     their own intensity per technique (:func:`suggest_layers`) until a structure step changes
-    the layers, in plans where the switch ``plan.per_layer`` is on. ``finetune_space`` (e.g. ``{"epochs": (1, 8), "lr": (1e-3, 1e-1)}``; also
+    the layers, in plans where the switch ``plan.per_layer`` is on. With a ``sensitivity``
+    profile (a model with many layers) they get one skew per technique instead
+    (:func:`suggest_skew`), resolved into per-layer values. ``finetune_space`` (e.g. ``{"epochs": (1, 8), "lr": (1e-3, 1e-1)}``; also
     ``distill_weight`` and ``distill_temperature``) makes the fine-tune searchable.
     """
     steps: list[Step] = []
@@ -496,7 +606,11 @@ def suggest_plan(
             # A structure step rewrites layers (factors, fewer channels): overrides of later
             # steps would name layers that are no longer what was sampled.
             per_layer = layers if not any(s.stage == "structure" for s in steps) else ()
-            steps.append(Step(name, config, suggest_layers(trial, technique, config, per_layer)))
+            if sensitivity is None:
+                overrides = suggest_layers(trial, technique, config, per_layer)
+            else:
+                overrides = suggest_skew(trial, technique, config, per_layer, sensitivity)
+            steps.append(Step(name, config, overrides))
     return Plan(tuple(steps), policy or LayerPolicy(), suggest_finetune(trial, finetune_space or {}))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import optuna
 import torch
@@ -204,6 +205,7 @@ class Prune(Technique[PruneConfig, PruneState]):
     stage = "sparsity"
     family = "prune"
     config_cls = PruneConfig
+    stronger = MappingProxyType({"sparsity": +1})  # more sparsity compresses more
 
     def suggest(self, trial: optuna.Trial, prefix: str) -> PruneConfig:
         """sparsity in [0.2, 0.98], scope and schedule categorical."""

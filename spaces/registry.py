@@ -127,6 +127,10 @@ class Technique(Generic[C, S]):
         combinable: Structure techniques only: may be chained with the stage's other
             combinable techniques in one plan (structured pruning, then low-rank).
         order: Position within the stage when chained (lower first).
+        stronger: Per-layer fields (see :meth:`per_layer`) with the direction in which each
+            compresses more: ``+1`` when a larger value does (sparsity), ``-1`` when a smaller
+            one does (bits, clusters, rank share). On models with many layers the search skews
+            these per layer by a sensitivity profile of the baseline; empty: never skewed.
     """
 
     name: ClassVar[str] = ""
@@ -136,6 +140,7 @@ class Technique(Generic[C, S]):
     config_cls: type[C]
     combinable: ClassVar[bool] = False
     order: ClassVar[int] = 0
+    stronger: ClassVar[Mapping[str, int]] = MappingProxyType({})
 
     def suggest(self, trial: optuna.Trial, prefix: str) -> C:
         """Sample a config; every parameter name starts with ``prefix + "."``."""

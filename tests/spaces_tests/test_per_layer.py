@@ -106,3 +106,78 @@ def test_a_per_layer_codebook_takes_the_layer_clusters() -> None:
     assert model.fc1.weight_repr.k == 16 and model.fc2.weight_repr.k == 4
     with pytest.raises(UserError, match="codebook does not set 'clusters' per layer with this config"):
         Step("codebook", CodebookConfig(clusters=16, scope="global"), {"fc2": {"clusters": 4}})
+
+
+# ------------------------------------------------------------------ deep models: one skew per technique
+
+
+class _Drops:
+    """A stand-in sensitivity profile: each layer's drop is fixed, whatever the technique."""
+
+    def __init__(self, drops: dict[str, float]) -> None:
+        self.drops = drops
+
+    def covers(self, technique: str, field: str) -> bool:
+        return True
+
+    def drop(self, technique: str, field: str, layer: str, value: float) -> float:
+        return self.drops[layer]
+
+
+def test_every_declared_direction_compresses_more_along_it() -> None:
+    from spaces.plan import skewable, technique_fingerprint
+    from spaces.registry import techniques
+
+    declared = {n: t for n, t in techniques().items() if t.stronger}
+    assert {"prune", "int", "codebook", "lowrank"} <= set(declared)
+    for name, technique in declared.items():
+        params = technique_fingerprint(technique)["params"]
+        assert all(d in (-1, 1) and f"{name}.{f}" in params for f, d in technique.stronger.items()), name
+        fields = skewable(technique, technique.moderate())
+        assert fields, f"{name}: moderate() sets none of {dict(technique.stronger)} per layer"
+        for field, dist in fields:
+            sizes = {}
+            for end in (dist.low, dist.high):
+                torch.manual_seed(0)
+                model = create_model("digits_cnn").eval()
+                plan = Plan((Step(name, technique.moderate(), {"conv2": {field: end}, "conv3": {field: end}}),))
+                apply_plan(model, plan, ApplyContext(policy=plan.policy)).finalize()
+                sizes[end] = len(encode(model))
+            stronger, milder = (dist.high, dist.low) if technique.stronger[field] > 0 else (dist.low, dist.high)
+            assert sizes[stronger] < sizes[milder], (name, field, sizes)
+
+
+def test_deep_models_sample_one_skew_per_technique_not_one_value_per_layer() -> None:
+    space = StudySpace("s", {"structure": ("lowrank",), "weights": ("int",)}, per_layer_max=1)
+    layers = ["fc1", "fc2", "fc3"]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial({"plan.per_layer": True, "lowrank.mode": "ratio", "lowrank.rank_ratio": 0.3,
+                         "lowrank.skew": 1.0})
+    trial = study.ask()
+    plan = suggest_plan(trial, space, UNPROTECTED, layers=layers, sensitivity=_Drops({"fc1": 0.2, "fc2": 0.0, "fc3": 0.1}))
+    assert "lowrank.skew" in trial.params
+    assert not [p for p in trial.params if p.count(".") > 1]  # no <technique>.<layer>.<field>
+    low = plan.steps[0].layers
+    assert low["fc1"]["rank_ratio"] > low["fc3"]["rank_ratio"] > low["fc2"]["rank_ratio"]  # sensitive: more rank
+    assert not plan.steps[1].layers and "int.skew" not in trial.params  # after a structure step: none
+    model = _apply(plan)  # the resolved values are what the layers get
+    assert model.fc1.first.out_features / 300 > model.fc2.first.out_features / 100  # kept share of the rank
+
+
+def test_skew_zero_is_exactly_the_uniform_plan() -> None:
+    space = StudySpace("int-only", {"weights": ("int",)}, per_layer_max=1)
+    fixed = {"plan.per_layer": True, "int.bits": 4, "int.symmetric": True, "int.learned_step": False}
+    profile = _Drops({"fc1": 0.2, "fc2": 0.0, "fc3": 0.1})
+    skewed = suggest_plan(optuna.trial.FixedTrial({**fixed, "int.skew": 0.0}), space, UNPROTECTED,
+                          layers=["fc1", "fc2", "fc3"], sensitivity=profile)
+    uniform = suggest_plan(optuna.trial.FixedTrial({**fixed, "plan.per_layer": False}), space, UNPROTECTED)
+    assert skewed == uniform and skewed.to_dict() == uniform.to_dict()
+
+
+def test_a_space_recorded_before_skews_existed_keeps_uniform_plans_on_deep_models() -> None:
+    from spaces.plan import get_study_space
+
+    space = get_study_space("all")
+    assert space.skew and StudySpace.from_record(space.record()).skew
+    old = {k: v for k, v in space.record().items() if k != "skew"}
+    assert StudySpace.from_record(old).skew is False
