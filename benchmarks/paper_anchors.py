@@ -541,7 +541,7 @@ def study_times(study: Study, o: Options) -> dict[str, Any]:
     import optuna
 
     from objectives.objective import is_refinement
-    from search.worker import counted
+    from search.trials import counted
     from storage.studies import open_storage
 
     out: dict[str, Any] = {

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.datasets import Splits, load_dataset
-from models.errors import UserError, cli_main
+from models.errors import UserError, check_folder, cli_main
 from models.presets import Preset, get_preset, list_presets
 from models.registry import create_model
 from models.train import default_device, evaluate_split, resolve_device, train
@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     preset = get_preset(args.preset)
     device = resolve_device(args.device)  # before loading data: a bad --device fails at once
+    check_folder(args.store, "--store")  # a file or an unwritable place fails before training
     data = load_dataset(args.dataset or preset.dataset, args.data_dir, val_fraction=preset.val_fraction, seed=args.seed)
     print(data.summary())
     _, record = load_or_train_baseline(

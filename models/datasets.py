@@ -19,6 +19,9 @@ from __future__ import annotations
 import codecs
 import gzip
 import pickle
+import shutil
+import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -166,6 +169,8 @@ def load_dataset(
         UserError: malformed files or arguments.
     """
     _check_val_fraction(val_fraction)
+    if seed < 0:  # numpy's generators refuse it, deep inside the split
+        raise UserError(f"seed must be >= 0, got {seed}")
     data_dir = Path(data_dir).expanduser()
     canonical, train, test, spec = _load_raw(name, data_dir, download, seed)
     x_train, y_train = train
@@ -233,11 +238,15 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
-def _download(what: str, fn: Callable[[], object]) -> str | None:
-    """Run a torchvision download; return None on success, else a one-line reason."""
+def _download(what: str, fn: Callable[[], object], folder: Path) -> str | None:
+    """Run a torchvision download into ``folder``; return None on success, else a one-line
+    reason. A failed download leaves no folder behind that it created (``--data-dir`` included)."""
+    absent = [p for p in (folder, *folder.absolute().parents) if not p.exists()]
     try:
         fn()
     except (URLError, OSError, RuntimeError, ImportError, ValueError) as exc:
+        if absent:  # the outermost folder this call created: everything under it is the download's
+            shutil.rmtree(absent[-1], ignore_errors=True)
         return f"download of {what} failed ({_one_line(exc)})"
     return None
 
@@ -366,6 +375,7 @@ def _load_cifar(name: str, data_dir: Path, download: bool) -> tuple[Pair, Pair]:
             lambda: getattr(import_torchvision().datasets, info.download_cls)(
                 root=str(data_dir), train=True, download=True
             ),
+            folder,
         )
     if not all((folder / f).is_file() for f in files):
         why = f"; {reason}" if reason else ""
@@ -470,6 +480,7 @@ def _load_mnist(name: str, data_dir: Path, download: bool) -> tuple[Pair, Pair]:
             lambda: getattr(import_torchvision().datasets, cls)(
                 root=str(data_dir), train=True, download=True
             ),
+            folder,
         )
         found = _first_with([folder], _MNIST_FILES)
     if found is None:
@@ -534,11 +545,25 @@ def _load_t10k(candidates: list[Path], seed: int = 0) -> tuple[Pair, Pair]:
 # --- npz ---------------------------------------------------------------------------------------
 
 
+_NPZ_FIX = "save the splits with np.savez(PATH, x_train=..., y_train=..., x_test=..., y_test=...)"
+
+
 def _load_npz(path: Path) -> Raw:
+    if path.is_dir():
+        raise UserError(f"npz dataset {path} is a folder; pass npz:PATH to a .npz file (imagefolder:PATH reads a folder)")
     if not path.is_file():
         raise DataNotFoundError(
             f"npz dataset {path} not found; pass npz:PATH to a .npz with x_train, y_train, x_test, y_test"
         )
+    # What the file is, from its first bytes: np.load would return a lone array for a .npy and
+    # mistake other files for pickles, neither of which says what is wrong.
+    with path.open("rb") as fh:
+        head = fh.read(6)
+    if head == b"\x93NUMPY":
+        raise UserError(f"{path} holds a single .npy array, not a .npz archive; {_NPZ_FIX}")
+    if not head.startswith(b"PK"):
+        what = "an empty file" if not head else "not a zip archive"
+        raise UserError(f"{path} is not a .npz file ({what}); {_NPZ_FIX}")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {}
@@ -549,7 +574,9 @@ def _load_npz(path: Path) -> Raw:
                         "it needs x_train, y_train, x_test, y_test"
                     )
                 arrays[key] = npz[key]
-    except (ValueError, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise UserError(f"{path} is truncated or corrupt ({_one_line(exc)}); copy or save it again") from None
+    except (ValueError, OSError) as exc:
         raise UserError(f"{path} is not a readable .npz file ({_one_line(exc)})") from None
     x_train = _npz_images(arrays["x_train"], path, "x_train")
     x_test = _npz_images(arrays["x_test"], path, "x_test")

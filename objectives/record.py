@@ -63,12 +63,18 @@ PLAN_ARTIFACT_ID = "plan_artifact_id"
 REFINE_OF = "refine_of"
 FIDELITY_EPOCHS = "fidelity_epochs"
 REFINE_ROUND = "refine_round"
+# Who ran the trial and how it ended when it failed (search/trials.py).
+WORKER = "worker"
+SAMPLER_SEED = "sampler_seed"
+FAIL_REASON = "fail_reason"
+RETRY_OF = "retry_of"
+RETRIES = "retries"
 
 ATTR_KEYS = (
     PLAN, FAMILIES, PRESET, DATASET, SEED, BASELINE_SEED, BASELINE_KEY, BASELINE_BYTES,
     PREDICTED_BYTES, BYTES, BREAKDOWN, CURVE, EPOCHS, STOPPED_AT_EPOCH, STOPPED_VALUES,
     CONSTRAINTS, INFEASIBLE, WALL_SECONDS, DEVICE, MANIFEST, ARTIFACT_ID, PLAN_ARTIFACT_ID,
-    REFINE_OF, FIDELITY_EPOCHS, REFINE_ROUND,
+    REFINE_OF, FIDELITY_EPOCHS, REFINE_ROUND, WORKER, SAMPLER_SEED, FAIL_REASON, RETRY_OF, RETRIES,
 )
 # Names of a trial's values by position when the study names none (acc, ratio[, bitops]).
 METRIC_NAMES = ("val_accuracy", "compression_ratio", "bitops")
@@ -118,6 +124,11 @@ class TrialRecord(BaseModel):
             trial whose plan it re-trains, with its seed; ``fidelity_epochs`` the fine-tune
             epochs it trains (also the plan's ``finetune.epochs``), ``refine_round`` the
             successive-halving round (0 first) that enqueued it.
+        worker, sampler_seed: ``host:pid`` of the worker that ran the trial and its sampler's
+            seed (each worker process draws its own unless ``--sampler-seed`` fixes it).
+        fail_reason: Why a FAIL trial failed (its exception, or "interrupted by SIGTERM").
+        retry_of, retries: Set on a re-queued plan: the failed trial it redoes, and how many
+            attempts came before it.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -151,6 +162,11 @@ class TrialRecord(BaseModel):
     refine_of: int | None = None
     fidelity_epochs: int | None = None
     refine_round: int | None = None
+    worker: str | None = None
+    sampler_seed: int | None = None
+    fail_reason: str | None = None
+    retry_of: int | None = None
+    retries: int | None = None
 
     @classmethod
     def parse(cls, d: Mapping[str, Any], where: str = "") -> TrialRecord:
@@ -288,6 +304,8 @@ def read_plan_file(path: str | Path) -> tuple[Plan, TrialRecord]:
     returned as a record holding only the plan). Every problem is one line naming the file and
     the JSON path of the bad value, before anything is loaded."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"plan file {p} is a folder; pass a plan-trial-<n>.json file from python -m search.export")
     if not p.is_file():
         raise UserError(f"plan file {p} does not exist")
     try:

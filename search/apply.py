@@ -15,11 +15,13 @@ from pathlib import Path
 
 import torch
 
-from models.errors import UserError, cli_main
+from models.errors import UnknownNameError, UserError, check_folder, check_output_file, cli_main
+from models.presets import get_preset
+from models.registry import create_model
 from models.train import evaluate_split, resolve_device
 from objectives.pipeline import Outcome, Workbench, finish, prepare
 from objectives.record import TrialRecord, read_plan_file
-from spaces.plan import Plan
+from spaces.plan import Plan, compressible_layers
 
 
 def resolve_preset(record: TrialRecord, preset: str | None, source: str = "the plan file") -> str:
@@ -32,6 +34,44 @@ def resolve_preset(record: TrialRecord, preset: str | None, source: str = "the p
     if chosen is None:
         raise UserError(f"{source} names no preset (a bare plan); pass --preset")
     return chosen
+
+
+def check_plan_fits(plan: Plan, preset: str, source: str = "the plan file") -> None:
+    """Refuse, before any data loads, a plan that cannot be applied to ``preset``'s model: an
+    unknown preset, or per-layer overrides naming a layer the model lacks (a plan of another
+    model). Steps after a structure step see rewritten layers; ``apply_plan`` checks those."""
+    try:
+        p = get_preset(preset)
+    except UnknownNameError as exc:
+        exc.args = (f"{source}: preset: {exc}",)
+        raise
+    if not any(step.layers for step in plan.steps):
+        return
+    known = compressible_layers(create_model(p.model))  # an untrained model: no data, no baseline
+    for i, step in enumerate(plan.steps):
+        if step.stage == "structure":
+            break
+        for path in step.layers:
+            if path not in known:
+                raise UserError(
+                    f"{source}: steps[{i}].layers.{path}: preset {preset!r} (model {p.model}) has no such layer, "
+                    f"so the plan is not one of this preset; its layers: {', '.join(known[:12])}{' ...' if len(known) > 12 else ''}"
+                )
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad options and paths in one line before the plan file is read or anything is
+    loaded or created: where the artifact goes is checked now, not after the fine-tune."""
+    if args.epochs is not None and args.epochs < 0:
+        raise UserError(f"--epochs must be >= 0 (0: no fine-tune), got {args.epochs}")
+    plan_path = Path(args.plan)
+    if plan_path.is_dir():
+        raise UserError(f"plan file {plan_path} is a folder; pass a plan-trial-<n>.json file from python -m search.export")
+    out = check_output_file(args.out, "--out")
+    if plan_path.exists() and out.exists() and out.samefile(plan_path):
+        raise UserError(f"--out {out} is the plan file itself; pass another path (e.g. model.pcz)")
+    check_folder(args.store, "--store")  # the baseline may be trained and cached there
+    check_folder(args.data_dir, "--data-dir", write=False)
 
 
 def rebuild(plan: Plan, record: TrialRecord, *, preset: str | None = None, data_dir: str = "data",
@@ -61,8 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
+    check_args(args)
     plan, record = read_plan_file(args.plan)
-    resolve_preset(record, args.preset, f"plan file {args.plan}")  # refused before any data loads
+    source = f"plan file {args.plan}"
+    check_plan_fits(plan, resolve_preset(record, args.preset, source), source)  # before any data loads
+    for field in ("seed", "baseline_seed"):  # numpy refuses negative seeds, deep inside the rebuild
+        if (getattr(record, field) or 0) < 0:
+            raise UserError(f"{source}: {field}: must be >= 0, got {getattr(record, field)}")
     device = resolve_device(args.device)  # a bad --device is one line, before any training
     bench, outcome = rebuild(plan, record, preset=args.preset, data_dir=args.data_dir, store=args.store,
                              device=device, epochs=args.epochs)

@@ -8,9 +8,12 @@ plan file (the record's JSON, which ``search.apply`` reads)."""
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 from pathlib import Path
 
-from models.errors import cli_main
+from models.errors import UserError, check_folder, cli_main
+from storage.locks import redact
 from storage.studies import DEFAULT_STORAGE, default_store, open_artifact_store, open_storage
 
 
@@ -24,16 +27,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _port_error(exc: OSError, host: str, port: int) -> UserError:
+    if exc.errno == errno.EADDRINUSE:
+        other = port + 1 if port < 65535 else port - 1
+        return UserError(f"port {port} on {host} is in use (another dashboard?); pick a free one with --port, e.g. --port {other}")
+    if exc.errno == errno.EACCES:
+        return UserError(f"port {port} on {host}: permission denied (ports below 1024 need root); use --port 8080")
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        return UserError(f"--host {host!r} is no address of this machine ({exc.strerror or exc}); use 127.0.0.1 or 0.0.0.0")
+    return UserError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); try another --port or --host")
+
+
+def check_listen(host: str, port: int) -> None:
+    """Refuse a port or host the server could not listen on, before anything starts: a bind of
+    the same kind the server makes (address reuse on, as wsgiref sets it), released at once."""
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port must be in 1..65535, got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as bottle's wsgiref server picks it
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as exc:
+        raise _port_error(exc, host, port) from None
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     from optuna_dashboard import run_server
 
     args = build_parser().parse_args(argv)
-    storage = open_storage(args.storage, heartbeat=False)
-    store = open_artifact_store(str(Path(args.store or default_store(args.storage)) / "artifacts"))
-    print(f"optuna-dashboard on http://{args.host}:{args.port}/ for {args.storage}", flush=True)
-    run_server(storage, host=args.host, port=args.port, artifact_store=store)
+    check_listen(args.host, args.port)
+    store_root = args.store or default_store(args.storage)
+    check_folder(store_root, "--store", write=False)
+    storage = open_storage(args.storage, heartbeat=False, create=False)
+    store = open_artifact_store(str(Path(store_root) / "artifacts"))
+    print(f"optuna-dashboard on http://{args.host}:{args.port}/ for {redact(args.storage)}", flush=True)
+    try:
+        run_server(storage, host=args.host, port=args.port, artifact_store=store)
+    except OSError as exc:  # taken between the check and the server's own bind
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise _port_error(exc, args.host, args.port) from None
     return 0
 
 

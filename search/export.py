@@ -23,17 +23,18 @@ and ``refined_<metric>`` columns, and every row's ``refine_of`` and ``fidelity_e
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from models.datasets import load_dataset
-from models.errors import UserError, cli_main
+from models.errors import UserError, check_folder, cli_main
 from models.presets import get_preset
 from models.train import evaluate_split
 from objectives.objective import is_feasible
@@ -84,8 +85,9 @@ def _weights_family(trial: FrozenTrial) -> str:
     return TrialRecord.from_trial(trial).to_plan().weights_family
 
 
-def plot_front(study: optuna.Study, baseline: dict[str, Any], path: Path) -> None:
-    """Scatter of every feasible trial (grey) and the front coloured by technique family."""
+def plot_front(study: optuna.Study, baseline: dict[str, Any], path: Path | BinaryIO) -> None:
+    """Scatter of every feasible trial (grey) and the front coloured by technique family, as a
+    PNG written to ``path`` (a file name or a binary stream)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +113,7 @@ def plot_front(study: optuna.Study, baseline: dict[str, Any], path: Path) -> Non
     ax.legend(fontsize=8, loc="lower left")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     plt.close(fig)
 
 
@@ -139,15 +141,33 @@ def _artifact_and_model(record: TrialRecord, store: Any, *, data_dir: str, store
         raise UserError(f"artifact of trial {record.trial} is corrupt ({exc}); re-run it or delete the study's artifacts") from None
 
 
+def _nothing_to_export(study: optuna.Study) -> str:
+    """Why a study has no front, in one line: its trials by state and the infeasible ones."""
+    trials = study.get_trials(deepcopy=False)
+    if not trials:
+        return f"study {study.study_name!r} has no trials yet; run some with python -m search.run or search.worker"
+    states = ", ".join(f"{n} {s.name.lower()}" for s in TrialState if (n := sum(t.state == s for t in trials)))
+    infeasible = sum(t.state == TrialState.COMPLETE and not is_feasible(t) for t in trials)
+    hint = ("every complete trial broke a constraint (--max-bytes, --min-ratio, --max-accuracy-drop): "
+            "start a study with looser ones (--name)" if infeasible else "run more trials with python -m search.run or search.worker")
+    return (f"study {study.study_name!r} has no feasible complete trial to export ({len(trials)} trials: {states}"
+            f"{f'; {infeasible} infeasible' if infeasible else ''}); {hint}")
+
+
 def export(study: optuna.Study, out: Path, *, data_dir: str, store_root: str, materialize: bool) -> dict[str, Any]:
-    """Write the export files for ``study`` into ``out``; return the pareto.json content."""
+    """Write the export files for ``study`` into ``out``; return the pareto.json content.
+
+    Everything is computed before the first file is written, so a study with nothing to export
+    or a corrupt artifact leaves no half-written export behind."""
     config = stored_config(study)
     baseline = study.user_attrs.get("baseline", {})
-    out.mkdir(parents=True, exist_ok=True)
+    front = front_trials(study.get_trials(deepcopy=False))
+    if not front:
+        raise UserError(_nothing_to_export(study))
     store = open_artifact_store(str(Path(store_root) / "artifacts"))
     preset = get_preset(config.preset)
     data = load_dataset(config.dataset or preset.dataset, data_dir, val_fraction=preset.val_fraction, seed=config.seed)
-    front = front_trials(study.get_trials(deepcopy=False))
+    files: dict[Path, TrialRecord | bytes] = {}  # written at the end, in this order
     names = study.metric_names or ["val_accuracy", "compression_ratio"]
     # Trials of studies made before the record held these fields take them from the study.
     defaults = dict(preset=config.preset, dataset=config.dataset, baseline_seed=config.seed,
@@ -163,9 +183,10 @@ def export(study: optuna.Study, out: Path, *, data_dir: str, store_root: str, ma
             record.to_plan()  # a malformed plan is refused in one line before anything loads
             blob, model = _artifact_and_model(record, store, data_dir=data_dir, store_root=store_root)
             record = record.model_copy(update={"test_accuracy": evaluate_split(model, data, "test")})
-            plan_file = write_plan_file(out / f"plan-trial-{trial.number}.json", record)
+            plan_file = out / f"plan-trial-{trial.number}.json"
+            files[plan_file] = record
             if materialize:
-                (out / f"trial-{trial.number}.pcz").write_bytes(blob)
+                files[out / f"trial-{trial.number}.pcz"] = blob
             if not prefix:
                 entry.update({**record.to_json_dict(), "plan_file": plan_file.name})
             else:
@@ -181,9 +202,18 @@ def export(study: optuna.Study, out: Path, *, data_dir: str, store_root: str, ma
         "hypervolume": study_hypervolume(study.get_trials(deepcopy=False), baseline.get("val_accuracy", 0.0)),
         "plans": plans,
     }
+    csv = trials_frame(study).to_csv(index=False)
+    png = io.BytesIO()
+    plot_front(study, baseline, png)
+    out.mkdir(parents=True, exist_ok=True)
+    for path, content in files.items():
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            write_plan_file(path, content)
     (out / "pareto.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
-    trials_frame(study).to_csv(out / "trials.csv", index=False)
-    plot_front(study, baseline, out / "pareto.png")
+    (out / "trials.csv").write_text(csv)
+    (out / "pareto.png").write_bytes(png.getvalue())
     return summary
 
 
@@ -203,7 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
-    storage = open_storage(args.storage, heartbeat=False)
+    check_folder(args.out, "--out")  # now, not after the test accuracies are computed
+    check_folder(args.data_dir, "--data-dir", write=False)
+    if args.store is not None:
+        check_folder(args.store, "--store", write=False)
+    storage = open_storage(args.storage, heartbeat=False, create=False)
     study = load_study(args.name or find_study_name(storage, args.study, args.preset), storage)
     summary = export(study, Path(args.out), data_dir=args.data_dir,
                      store_root=args.store or default_store(args.storage), materialize=args.materialize)

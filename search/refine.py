@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -59,7 +58,24 @@ from objectives.pipeline import Workbench
 from search.progress import ACCURACY_FLOOR_POINTS, hypervolume, pareto_indices
 from search.samplers import make_sampler
 from search.studies import find_study_name, stored_config
-from search.worker import add_study_args, add_worker_args, build_objective, pick_device
+from search.trials import (
+    Interrupted,
+    fail_stale,
+    interruptible,
+    process_seed,
+    retry,
+    run_one,
+    start,
+)
+from search.worker import (
+    add_study_args,
+    add_worker_args,
+    build_objective,
+    check_worker_args,
+    pick_device,
+    thread_share,
+)
+from storage.locks import redact
 from storage.studies import default_store, load_study, open_storage
 
 DEFAULT_TOP = 8
@@ -200,10 +216,14 @@ def _run_round(study: optuna.Study, objective: Objective, parents: Sequence[Froz
     while True:
         mine = [t for k, ts in refinements_of(study.get_trials(deepcopy=False)).items() if k in keys for t in ts]
         if any(t.state == TrialState.WAITING for t in mine):
-            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+            with interruptible():
+                try:
+                    run_one(study, start(study), objective, objective.artifact_store)
+                except Interrupted as exc:
+                    raise UserError(f"{exc}: the running refinement was recorded FAIL and re-queued") from None
         elif any(t.state == TrialState.RUNNING for t in mine):
             # Another worker runs it; a worker that died is failed (and re-queued once) here.
-            optuna.storages.fail_stale_trials(study)
+            fail_stale(study)
             time.sleep(poll_seconds)
         else:
             break
@@ -214,7 +234,7 @@ def _run_round(study: optuna.Study, objective: Objective, parents: Sequence[Froz
     for p in parents:
         if p.number not in done:
             failed = [t for t in mine if int(t.user_attrs[record.REFINE_OF]) == p.number]
-            reason = failed[-1].system_attrs.get("fail_reason", "see the log") if failed else "not run"
+            reason = (failed[-1].user_attrs.get(record.FAIL_REASON) or "see the log") if failed else "not run"
             log(f"  trial {p.number}: refinement failed, dropped ({str(reason).splitlines()[-1][:200]})")
     return done
 
@@ -287,20 +307,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("optuna").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     check_options(args.top, args.factor, args.eta)
-    storage = open_storage(args.storage)
+    check_worker_args(args)  # before anything is opened: a mistyped --storage creates nothing
+    storage = open_storage(args.storage, create=False, on_stale=retry)
     study = load_study(args.name or find_study_name(storage, args.study, args.preset), storage)
     config = stored_config(study)
     store = args.store or default_store(args.storage)
-    torch.set_num_threads(max(1, int(os.environ.get("PARETO_THREADS", torch.get_num_threads()))))
+    torch.set_num_threads(thread_share(1))
     log = None if args.quiet else (lambda s: print(s, flush=True))
     bench = Workbench.load(config.preset, dataset=config.dataset, data_dir=args.data_dir, store=store, seed=config.seed,
                            device=pick_device(args.device, args.worker_index), log=log)
-    study.sampler = make_sampler(config.sampler, seed=config.seed * 1000 + args.worker_index,
-                                 constraints=config.has_constraints)
+    study.sampler = make_sampler(config.sampler, seed=process_seed(args.sampler_seed), constraints=config.has_constraints)
     results = refine(study, build_objective(study, config, bench, store, log), top=args.top, factor=args.factor,
                      eta=args.eta, log=log)
     print("\n".join(summary_lines(results)))
-    print(f"export: python -m search.export --name {study.study_name} --storage {args.storage}", file=sys.stderr)
+    print(f"export: python -m search.export --name {study.study_name} --storage {redact(args.storage)}", file=sys.stderr)
     return 0
 
 

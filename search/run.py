@@ -9,28 +9,36 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from models.errors import UserError, cli_main
-from models.presets import DEFAULT_PRESET, list_presets
+from models.presets import DEFAULT_PRESET, get_preset, list_presets
 from objectives.objective import parse_objectives
 from objectives.pipeline import Workbench
 from search.progress import ProgressDisplay, study_stats
 from search.refine import DEFAULT_ETA, DEFAULT_FACTOR, check_options, refine, summary_lines
 from search.samplers import SAMPLER_HELP, SAMPLERS, make_sampler
 from search.studies import StudyConfig, create_or_load, new_techniques, study_space
+from search.trials import process_seed, retry
 from search.worker import (
     BUDGET_ATTR,
+    STORAGE_ENV,
     add_worker_args,
     build_objective,
+    check_worker_args,
     pick_device,
+    thread_share,
     work,
 )
 from spaces.plan import PER_LAYER_MAX, study_names
-from storage.studies import default_store, open_storage
+from storage.locks import redact
+from storage.studies import default_store, new_paths, open_storage, remove_new
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,10 +83,18 @@ def study_config(args: argparse.Namespace) -> StudyConfig:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     if args.per_layer_max < 0:
         raise UserError(f"--per-layer-max must be >= 0, got {args.per_layer_max}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    # A constraint no plan can meet makes every trial infeasible: refused, not searched.
+    if args.max_bytes is not None and args.max_bytes < 1:
+        raise UserError(f"--max-bytes must be >= 1 (an artifact size in bytes), got {args.max_bytes}")
+    if args.min_ratio is not None and not (math.isfinite(args.min_ratio) and args.min_ratio > 0):
+        raise UserError(f"--min-ratio must be a number > 0 (e.g. 10: ten times smaller), got {args.min_ratio}")
+    if args.max_accuracy_drop is not None and not (math.isfinite(args.max_accuracy_drop) and 0 <= args.max_accuracy_drop <= 100):
+        raise UserError(f"--max-accuracy-drop must be in 0..100 accuracy points, got {args.max_accuracy_drop}")
+    get_preset(args.preset)  # an unknown preset is refused before the storage is opened
     finetune_space = {}
     if args.tune_finetune:
-        from models.presets import get_preset
-
         ft = get_preset(args.preset).finetune
         finetune_space = {"epochs": [1, 2 * ft.epochs], "lr": [ft.lr / 10, ft.lr * 10],
                           "distill_weight": [0.0, 0.9], "distill_temperature": [1.0, 8.0]}
@@ -90,16 +106,59 @@ def study_config(args: argparse.Namespace) -> StudyConfig:
     )
 
 
+def _die_with_parent() -> None:
+    # Linux: a worker gets SIGTERM when the parent dies, even by SIGKILL (no orphans); the
+    # worker then records its trial FAIL and re-queues it like any interrupted worker.
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _spawn(args: argparse.Namespace, name: str, store: str) -> list[subprocess.Popen[bytes]]:
-    env = {**os.environ, "PARETO_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
+    # The storage URL goes through the environment, not the command line: a password in it
+    # would show in every process listing.
+    env = {**os.environ, "PARETO_THREADS": str(thread_share(args.jobs)), STORAGE_ENV: args.storage}
     procs = []
     for i in range(args.jobs):
-        cmd = [sys.executable, "-m", "search.worker", "--name", name, "--storage", args.storage, "--store", store,
+        cmd = [sys.executable, "-m", "search.worker", "--name", name, "--store", store,
                "--data-dir", args.data_dir, "--worker-index", str(i), "--quiet"]
         if args.device:
             cmd += ["--device", args.device]
-        procs.append(subprocess.Popen(cmd, env=env))
+        if args.sampler_seed is not None:
+            cmd += ["--sampler-seed", str(args.sampler_seed + i)]
+        # A session of its own: a terminal's Ctrl-C reaches the parent only, which forwards it
+        # once (a worker signalled twice would be cut short while it re-queues its trial).
+        procs.append(subprocess.Popen(cmd, env=env, start_new_session=True,
+                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None))
     return procs
+
+
+def _supervise(procs: list[subprocess.Popen[bytes]], tick: Callable[[], None]) -> None:
+    """Wait for the workers, calling ``tick`` every 2 s; SIGTERM/SIGINT are forwarded to every
+    worker, which records its trial FAIL and re-queues it; then one line and a non-zero exit."""
+    received: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        received.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(2.0)
+            if not received:
+                tick()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if received:
+        raise UserError(f"interrupted by {signal.Signals(received[0]).name}: every worker recorded its running "
+                        "trial FAIL and re-queued it")
+    if any(p.returncode for p in procs):
+        raise UserError(f"{sum(1 for p in procs if p.returncode)} of {len(procs)} workers failed (see their messages above)")
 
 
 @cli_main
@@ -108,20 +167,30 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("optuna").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     config = study_config(args)
+    import torch
+
+    torch.set_num_threads(thread_share(1))
     if args.refine < 0:
         raise UserError(f"--refine must be >= 0 (0: off), got {args.refine}")
     # Checked before the search, not after it.
     check_options(max(args.refine, 1), args.refine_factor, args.refine_eta, ("--refine", "--refine-factor", "--refine-eta"))
-    sampler = make_sampler(config.sampler, seed=config.seed * 1000 + args.worker_index, constraints=config.has_constraints)
-    storage = open_storage(args.storage)
+    seed = process_seed(args.sampler_seed)
+    sampler = make_sampler(config.sampler, seed=seed, constraints=config.has_constraints)
+    check_worker_args(args, create=True)  # paths and device: one line, before anything is created
+    created = new_paths(args.storage)
+    storage = open_storage(args.storage, on_stale=retry)
     store = args.store or default_store(args.storage)
     log = None if args.quiet else (lambda s: print(s, flush=True))
-    bench = Workbench.load(config.preset, dataset=config.dataset, data_dir=args.data_dir, store=store,
-                           seed=config.seed, device=pick_device(args.device, args.worker_index), log=log)
+    try:
+        bench = Workbench.load(config.preset, dataset=config.dataset, data_dir=args.data_dir, store=store,
+                               seed=config.seed, device=pick_device(args.device, args.worker_index), log=log)
+    except (Exception, KeyboardInterrupt):  # a missing dataset, say: leave no empty storage behind
+        remove_new(created, storage)
+        raise
     name = args.name or config.default_name()
     study = create_or_load(name, storage, config, bench, sampler)
     study.set_user_attr(BUDGET_ATTR, args.trials)
-    print(f"study {name!r} on {args.storage}: baseline val {bench.record.val_accuracy:.4f}, "
+    print(f"study {name!r} on {redact(args.storage)}: baseline val {bench.record.val_accuracy:.4f}, "
           f"{bench.baseline_bytes} bytes; {study_stats(study, bench.record.val_accuracy).done} trials done", flush=True)
     added = new_techniques(study, study_space(study))  # study_space refuses changed techniques
     if added:
@@ -135,22 +204,17 @@ def main(argv: list[str] | None = None) -> int:
                 from search.wandb_log import WandbLogger
 
                 callbacks.append(WandbLogger(name, config.to_dict()))
-            work(study, build_objective(study, config, bench, store, log), args.trials, callbacks)
+            work(study, build_objective(study, config, bench, store, log), args.trials, callbacks, sampler_seed=seed, log=log)
         else:
-            procs = _spawn(args, name, store)
-            while any(p.poll() is None for p in procs):
-                time.sleep(2.0)
-                progress.update()
-            if any(p.returncode for p in procs):
-                raise UserError(f"{sum(1 for p in procs if p.returncode)} of {args.jobs} workers failed (see their messages above)")
+            _supervise(_spawn(args, name, store), progress.update)
     stats = study_stats(study, bench.record.val_accuracy)
     print(stats.line(args.trials))
     if args.refine:
         results = refine(study, build_objective(study, config, bench, store, log), top=args.refine,
                          factor=args.refine_factor, eta=args.refine_eta, log=log)
         print("\n".join(summary_lines(results)), flush=True)
-    print(f"finished in {time.perf_counter() - start:.0f} s; browse: python -m search.dashboard --storage {args.storage}; "
-          f"export: python -m search.export --name {name} --storage {args.storage}")
+    print(f"finished in {time.perf_counter() - start:.0f} s; browse: python -m search.dashboard --storage {redact(args.storage)}; "
+          f"export: python -m search.export --name {name} --storage {redact(args.storage)}")
     return 0
 
 

@@ -14,6 +14,7 @@ from models.errors import UserError
 from objectives.objective import OBJECTIVES, Constraints
 from objectives.pipeline import Workbench
 from spaces.plan import NONE, PER_LAYER_MAX, STAGES, StudySpace, get_study_space, space_changes
+from storage.locks import study_lock
 
 CONFIG_ATTR = "config"
 SPACE_ATTR = "space"  # the concrete space the study was created with (StudySpace.record)
@@ -75,7 +76,14 @@ def directions(objectives: tuple[str, ...]) -> list[str]:
 def create_or_load(name: str, storage: optuna.storages.BaseStorage, config: StudyConfig, bench: Workbench,
                    sampler: optuna.samplers.BaseSampler) -> optuna.Study:
     """Create the study (recording config, baseline and metric names) or load it, refusing to
-    resume a study that was created with a different configuration."""
+    resume a study that was created with a different configuration. Under the storage's lock:
+    workers started together must not see a half-recorded study."""
+    with study_lock(storage, f"create:{name}")():
+        return _create_or_load(name, storage, config, bench, sampler)
+
+
+def _create_or_load(name: str, storage: optuna.storages.BaseStorage, config: StudyConfig, bench: Workbench,
+                    sampler: optuna.samplers.BaseSampler) -> optuna.Study:
     study = optuna.create_study(
         study_name=name, storage=storage, directions=directions(config.objectives), sampler=sampler, load_if_exists=True
     )

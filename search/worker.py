@@ -13,25 +13,56 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.trial import TrialState
 
-from models.errors import UserError, cli_main
+from models.errors import UserError, check_folder, cli_main
 from models.train import resolve_device
-from objectives.objective import Objective, is_refinement
+from objectives.objective import Objective
 from objectives.pipeline import Workbench
 from search.early_stopping import ParetoStopper
 from search.samplers import make_sampler
 from search.studies import StudyConfig, find_study_name, stored_config, study_space
+from search.trials import process_seed, retry, run_trials
+from storage.locks import study_lock
 from storage.studies import (
     DEFAULT_STORAGE,
+    check_storage,
     default_store,
     load_study,
     open_artifact_store,
     open_storage,
 )
 
-MAX_CONSECUTIVE_FAILURES = 5
 BUDGET_ATTR = "total_trials"
+STORAGE_ENV = "PARETO_STORAGE"  # the storage URL's default: keeps a password off command lines
+THREADS_ENV = "PARETO_THREADS"
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity (what SLURM and taskset give it), capped by a
+    cgroup v2 CPU quota (what Kubernetes' limits set)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def thread_share(local_workers: int) -> int:
+    """Torch threads for one of ``local_workers`` workers on this node: ``$PARETO_THREADS`` when
+    set (the override), else an equal share of :func:`available_cpus`."""
+    raw = os.environ.get(THREADS_ENV)
+    if raw is not None:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise UserError(f"{THREADS_ENV}={raw!r} is not a positive integer; unset it or give e.g. {THREADS_ENV}=2")
+        return value
+    return max(1, available_cpus() // max(1, local_workers))
 
 
 def pick_device(name: str | None, worker_index: int) -> torch.device:
@@ -41,13 +72,6 @@ def pick_device(name: str | None, worker_index: int) -> torch.device:
     if torch.cuda.is_available():
         return torch.device(f"cuda:{worker_index % torch.cuda.device_count()}")
     return torch.device("cpu")
-
-
-def counted(study: optuna.Study) -> int:
-    """Trials that count against the budget: finished (complete or stopped) and running search
-    trials; refinement trials (``search.refine``) do not count."""
-    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    return sum(1 for t in study.get_trials(deepcopy=False, states=states) if not is_refinement(t))
 
 
 def build_objective(study: optuna.Study, config: StudyConfig, bench: Workbench, store: str,
@@ -66,26 +90,19 @@ def build_objective(study: optuna.Study, config: StudyConfig, bench: Workbench, 
     )
 
 
-def work(study: optuna.Study, objective: Objective, total: int, callbacks: Sequence[Callable[..., Any]] = ()) -> None:
-    """Run trials until ``total`` count against the budget; a trial that raises is recorded FAIL
-    (with its error) and the worker goes on, unless several fail in a row."""
-    failures = 0
-
-    def note_failure(st: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        nonlocal failures
-        failures = failures + 1 if trial.state == TrialState.FAIL else 0
-
-    while counted(study) < total:
-        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[note_failure, *callbacks], gc_after_trial=False)
-        if failures >= MAX_CONSECUTIVE_FAILURES:
-            last = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))[-1]
-            reason = last.system_attrs.get("fail_reason", "see the log")
-            raise UserError(f"{failures} trials failed in a row; last: {str(reason).splitlines()[-1][:300]}")
+def work(study: optuna.Study, objective: Objective, total: int, callbacks: Sequence[Callable[..., Any]] = (), *,
+         sampler_seed: int | None = None, log: Callable[[str], None] | None = None) -> None:
+    """Run trials until ``total`` hold a slot of the budget (:func:`search.trials.run_trials`:
+    an exact total with any number of workers, stale trials redone, signals handled); a trial
+    that raises is recorded FAIL (with its error) and the worker goes on, unless several fail in
+    a row."""
+    run_trials(study, objective, total, study_lock(study._storage, study.study_name), sampler_seed=sampler_seed,
+               callbacks=callbacks, store=objective.artifact_store, log=log)
 
 
 def run_worker(args: argparse.Namespace, study_name: str | None = None, callbacks: Sequence[Callable[..., Any]] = ()) -> optuna.Study:
     """Load the study named by ``args`` and work on it."""
-    storage = open_storage(args.storage)
+    storage = open_storage(args.storage, create=False, on_stale=retry)
     name = study_name or args.name or find_study_name(storage, args.study, args.preset)
     study = load_study(name, storage)
     config = stored_config(study)
@@ -93,16 +110,29 @@ def run_worker(args: argparse.Namespace, study_name: str | None = None, callback
     if args.trials is not None:
         total = args.trials
     store = args.store or default_store(args.storage)
-    torch.set_num_threads(max(1, int(os.environ.get("PARETO_THREADS", torch.get_num_threads()))))
+    torch.set_num_threads(thread_share(1))
     log = None if args.quiet else (lambda s: print(s, flush=True))
     bench = Workbench.load(
         config.preset, dataset=config.dataset, data_dir=args.data_dir, store=store, seed=config.seed,
         device=pick_device(args.device, args.worker_index), log=log,
     )
-    study.sampler = make_sampler(config.sampler, seed=config.seed * 1000 + args.worker_index, constraints=config.has_constraints)
+    seed = process_seed(args.sampler_seed)
+    study.sampler = make_sampler(config.sampler, seed=seed, constraints=config.has_constraints)
     objective = build_objective(study, config, bench, store, log)
-    work(study, objective, total, callbacks)
+    work(study, objective, total, callbacks, sampler_seed=seed, log=log)
     return study
+
+
+def check_worker_args(args: argparse.Namespace, *, create: bool = False) -> None:
+    """Refuse bad worker options (:func:`add_worker_args`) in one line before anything is opened
+    or created: the worker index, the device, the storage URL and its SQLite file (``create``: it
+    may be absent), the store (writable: baselines and artifacts go there) and the data folder."""
+    if args.worker_index < 0:
+        raise UserError(f"--worker-index must be >= 0, got {args.worker_index}")
+    pick_device(args.device, args.worker_index)
+    check_storage(args.storage, create=create)
+    check_folder(args.store or default_store(args.storage), "--store")
+    check_folder(args.data_dir, "--data-dir", write=False)
 
 
 def add_study_args(p: argparse.ArgumentParser) -> None:
@@ -114,11 +144,15 @@ def add_study_args(p: argparse.ArgumentParser) -> None:
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     """Options every worker understands."""
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"study storage URL (default: {DEFAULT_STORAGE})")
+    p.add_argument("--storage", default=os.environ.get(STORAGE_ENV, DEFAULT_STORAGE),
+                   help=f"study storage URL (default: ${STORAGE_ENV}, else {DEFAULT_STORAGE})")
     p.add_argument("--store", default=None, help="root of baselines/ and artifacts/ (shared on clusters; default: beside the SQLite file, else runs)")
     p.add_argument("--data-dir", default="data", help="where datasets live or are downloaded to (default: data)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: GPUs round-robin by worker, else CPU)")
-    p.add_argument("--worker-index", type=int, default=0, help="this worker's index (seeds its sampler, picks its GPU)")
+    p.add_argument("--worker-index", type=int, default=0, help="this worker's index (picks its GPU)")
+    p.add_argument("--sampler-seed", type=int, default=None,
+                   help="seed this worker's sampler (default: fresh per process, recorded on each trial; "
+                        "workers given the same value sample the same plans)")
     p.add_argument("--quiet", action="store_true", help="no per-trial log lines")
 
 
@@ -136,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     logging.getLogger("optuna").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
+    if args.trials is not None and args.trials < 1:
+        raise UserError(f"--trials must be >= 1, got {args.trials}")
+    check_worker_args(args)
     study = run_worker(args)
     print(f"worker {args.worker_index} done: study {study.study_name}", file=sys.stderr)
     return 0

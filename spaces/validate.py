@@ -7,7 +7,9 @@ the registry), :class:`spaces.policy.LayerPolicy`, and the fine-tune overrides (
 :class:`models.train.TrainConfig` but ``seed``). Their type hints are checked by pydantic in
 strict JSON mode, which is what a JSON file needs: ``16.5`` or ``true`` is no int, ``"4"`` is no
 number, an int is a valid float, an array is a valid tuple. Ranges are not checked here: each
-config's ``validate()`` does that when it is built, naming the value.
+config's ``validate()`` does that when it is built, naming the value; the fine-tune overrides,
+which no config holds until the fine-tune starts, are checked here by building a ``TrainConfig``
+(``finetune.epochs must be >= 0, got -1``).
 """
 
 from __future__ import annotations
@@ -74,7 +76,14 @@ def validate_plan(d: object, *, path: str = "") -> None:
     if "policy" in d:
         _check_fields(d["policy"], LayerPolicy, _join(path, "policy"))
     if "finetune" in d:  # overrides of the preset's TrainConfig; the seed belongs to the trial
-        _check_fields(d["finetune"], TrainConfig, _join(path, "finetune"), exclude=("seed",))
+        where = _join(path, "finetune")
+        _check_fields(d["finetune"], TrainConfig, where, exclude=("seed",))
+        # Their ranges too: nothing else builds the TrainConfig before the fine-tune, which
+        # comes after the data and the baseline are loaded. The defaults are all in range.
+        try:
+            TrainConfig(**d["finetune"])
+        except UserError as exc:
+            raise UserError(f"{where}.{exc}") from None
 
 
 def _validate_step(step: object, where: str) -> None:

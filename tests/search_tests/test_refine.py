@@ -36,7 +36,7 @@ from search.refine import (
     study_hv,
 )
 from search.studies import study_space
-from search.worker import counted
+from search.trials import counted
 
 TRIALS, TOP, FACTOR = 4, 4, 0.5  # digits fine-tunes 4 epochs: F = 2, rounds of 4 plans x 1 epoch, 2 x 2
 NAME = "quantization-digits"

@@ -59,6 +59,11 @@ MALFORMED: list[tuple[object, str]] = [
     ({"steps": [], "finetune": [3]}, "finetune: expected an object, got [3]"),
     ({"steps": [], "finetune": {"lr": [0.1]}}, "finetune.lr: expected float, got [0.1]"),
     ({"steps": [], "finetune": {"seed": 3}}, "finetune.seed: unknown key"),  # the trial's, not the plan's
+    # fine-tune ranges: no config checks them before the fine-tune, so validation does
+    ({"steps": [], "finetune": {"epochs": -1}}, "finetune.epochs must be >= 0, got -1"),
+    ({"steps": [], "finetune": {"lr": 0.0}}, "finetune.lr must be > 0, got 0.0"),
+    ({"steps": [], "finetune": {"optimizer": "nope"}}, "finetune.optimizer must be one of"),
+    ({"steps": [], "finetune": {"batch_size": 0}}, "finetune.batch_size must be >= 1, got 0"),
 ]
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 import storage.studies as storage_studies
@@ -170,12 +170,16 @@ def test_two_worker_processes_share_one_postgresql_study(pg_url: str, study_name
 
 
 def _fast_heartbeat_storage(url: str, monkeypatch: pytest.MonkeyPatch) -> RDBStorage:
-    """open_storage with a 1 s heartbeat and a 1 s grace period."""
-    monkeypatch.setattr(storage_studies, "HEARTBEAT_SECONDS", 1)
-    monkeypatch.setattr(storage_studies, "GRACE_SECONDS", 1)
-    storage = open_storage(url)
-    assert storage.get_heartbeat_interval() == 1 and storage.grace_period == 1
-    assert isinstance(storage.get_heartbeat_stale_trial_callback(), RetryHeartbeatStaleTrialCallback)
+    """open_storage with a 1 s heartbeat and a 2 s grace period (the documented overrides)."""
+    monkeypatch.setenv("PARETO_HEARTBEAT_SECONDS", "1")
+    monkeypatch.setenv("PARETO_GRACE_SECONDS", "2")
+    from search.trials import retry
+
+    # As the search's workers open it: stale trials re-queued by search.trials.retry (params
+    # only: no dead attempt's artifacts).
+    storage = open_storage(url, on_stale=retry)
+    assert storage.get_heartbeat_interval() == 1 and storage.grace_period == 2
+    assert storage.get_heartbeat_stale_trial_callback() is retry
     return storage
 
 
@@ -187,15 +191,16 @@ def test_a_dead_workers_trial_is_failed_and_retried(pg_url: str, study_name: str
     x = trial.suggest_float("x", 0.0, 1.0)
     trial.set_user_attr("plan", {"steps": []})
     storage.record_heartbeat(trial._trial_id)  # the worker beat once, then died
-    time.sleep(2.5)
+    time.sleep(3.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
     trials = study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     retry = trials[1]
-    assert retry.params == {"x": x} and retry.user_attrs["plan"] == {"steps": []}
-    assert retry.system_attrs["failed_trial"] == trial.number
+    assert retry.system_attrs["fixed_params"] == {"x": x}  # a queued trial: its parameters are fixed
+    # The plan is re-derived from the parameters; the record starts afresh, naming the attempt.
+    assert retry.user_attrs == {"retry_of": trial.number, "retries": 1}
 
     # The next worker to ask runs the retried trial: same parameters, nothing lost.
     seen: list[float] = []
@@ -209,20 +214,20 @@ def test_a_dead_workers_trial_is_failed_and_retried(pg_url: str, study_name: str
     assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.FAIL, TrialState.COMPLETE]
 
 
-def test_a_retried_trial_is_retried_once(pg_url: str, study_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_plan_is_retried_at_most_twice(pg_url: str, study_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     storage = _fast_heartbeat_storage(pg_url, monkeypatch)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=study_name, storage=storage, directions=["maximize", "maximize"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        for _ in range(2):  # the original dies, then its retry dies too
+        for _ in range(3):  # the original dies, then both its retries die too
             trial = study.ask()
             trial.suggest_float("x", 0.0, 1.0)
             storage.record_heartbeat(trial._trial_id)
-            time.sleep(2.5)
+            time.sleep(3.0)
             optuna.storages.fail_stale_trials(study)
     states = [t.state for t in study.get_trials(deepcopy=False)]
-    assert states == [TrialState.FAIL, TrialState.FAIL]  # max_retry=1: no third copy
+    assert states == [TrialState.FAIL] * 3  # search.trials.MAX_RETRIES = 2: no fourth copy
 
 
 def test_a_live_trial_is_not_failed(pg_url: str, study_name: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,187 @@
+"""The cluster kill test: three workers on a brand-new PostgreSQL database share a total of 12
+quick digits trials while the test kills them (SIGKILL and SIGTERM) mid-trial, during an
+artifact upload and during the last trial, restarting a worker after each kill as a scheduler
+would. Afterwards exactly 12 trials are finished, every interrupted trial is FAIL and its plan
+was redone, none is left running or waiting, no plan is counted twice, every artifact has a
+finished owner, and the baseline was trained once."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from objectives import record
+from search.trials import artifact_ids
+
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+REPO = Path(__file__).resolve().parents[2]
+TOTAL = 12
+STUDY = "all-digits"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    import sqlalchemy
+
+    try:
+        admin = sqlalchemy.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+        with admin.connect() as conn:
+            name = f"pc_kill_{uuid.uuid4().hex[:10]}"
+            conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    except Exception as exc:
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not usable: {exc}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+class Cluster:
+    """Worker processes started as SLURM array tasks would be: the same ``search.run`` command
+    each, the first to arrive creating the study; a killed worker is replaced."""
+
+    def __init__(self, url: str, root: Path) -> None:
+        self.url, self.root = url, root
+        self.procs: list[subprocess.Popen[str]] = []
+        self.logs: list[Path] = []
+
+    def start(self) -> subprocess.Popen[str]:
+        log = self.root / f"worker-{len(self.procs)}.log"
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PARETO_STORAGE": self.url, "PARETO_THREADS": "1",
+               "PARETO_HEARTBEAT_SECONDS": "1", "PARETO_GRACE_SECONDS": "4"}
+        cmd = [sys.executable, "-m", "search.run", "--study", "all", "--preset", "digits", "--trials", str(TOTAL),
+               "--store", str(self.root / "store"), "--no-early-stopping"]
+        fh = open(log, "w")  # noqa: SIM115 (closed when the process is reaped)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, text=True)
+        self.procs.append(proc)
+        self.logs.append(log)
+        return proc
+
+    def alive(self) -> list[subprocess.Popen[str]]:
+        return [p for p in self.procs if p.poll() is None]
+
+    def study(self) -> optuna.Study | None:
+        try:
+            return optuna.load_study(study_name=STUDY, storage=self.url)
+        except Exception:
+            return None
+
+
+def _trials(cluster: Cluster) -> list[optuna.trial.FrozenTrial]:
+    study = cluster.study()
+    return [] if study is None else study.get_trials(deepcopy=False)
+
+
+def _worker_of(trial: optuna.trial.FrozenTrial, procs: list[subprocess.Popen[str]]) -> subprocess.Popen[str] | None:
+    pid = str(trial.user_attrs.get(record.WORKER, ":")).rsplit(":", 1)[-1]
+    return next((p for p in procs if str(p.pid) == pid and p.poll() is None), None)
+
+
+def _kill_running(cluster: Cluster, rng: random.Random, signum: int, deadline: float) -> bool:
+    """Send ``signum`` to the worker of a running trial (chosen at random); False if none ran."""
+    while time.monotonic() < deadline:
+        running = [t for t in _trials(cluster) if t.state == TrialState.RUNNING]
+        victims = [(t, p) for t in running if (p := _worker_of(t, cluster.procs)) is not None]
+        if victims:
+            time.sleep(rng.uniform(0.0, 0.8))  # a random moment of the trial
+            _, proc = rng.choice(victims)
+            if proc.poll() is None:
+                proc.send_signal(signum)
+                proc.wait(60)
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def _kill_during_upload(cluster: Cluster, deadline: float) -> bool:
+    """SIGKILL a worker while its trial's artifact is being stored: freeze every worker the
+    moment a new artifact file appears, kill the one whose running trial lists an artifact."""
+    folder = cluster.root / "store" / "artifacts"
+    seen = set(os.listdir(folder)) if folder.exists() else set()
+    while time.monotonic() < deadline:
+        now = set(os.listdir(folder)) if folder.exists() else set()
+        if now - seen:
+            procs = cluster.alive()
+            for p in procs:
+                p.send_signal(signal.SIGSTOP)
+            try:
+                uploading = [t for t in _trials(cluster) if t.state == TrialState.RUNNING and artifact_ids(t)]
+                victim = next((p for t in uploading if (p := _worker_of(t, procs)) is not None), None)
+                if victim is not None:
+                    victim.kill()
+            finally:
+                for p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGCONT)
+            if victim is not None:
+                victim.wait(60)
+                return True
+            seen = now
+        time.sleep(0.001)
+    return False
+
+
+@pytest.mark.slow
+def test_workers_killed_at_random_moments_finish_exactly_the_total(pg_url: str, tmp_path: Path) -> None:
+    rng = random.Random(0)
+    cluster = Cluster(pg_url, tmp_path)
+    for _ in range(3):
+        cluster.start()
+    deadline = time.monotonic() + 420
+    kills = {"SIGKILL mid-trial": _kill_running(cluster, rng, signal.SIGKILL, deadline)}
+    cluster.start()
+    kills["SIGTERM mid-trial"] = _kill_running(cluster, rng, signal.SIGTERM, deadline)
+    cluster.start()
+    kills["SIGKILL during an artifact upload"] = _kill_during_upload(cluster, deadline)
+    cluster.start()
+    # The last trial: wait until every other slot is finished, then kill its worker.
+    while time.monotonic() < deadline:
+        finished = [t for t in _trials(cluster) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        if len(finished) >= TOTAL - 1:
+            break
+        time.sleep(0.2)
+    kills["SIGKILL during the last trial"] = _kill_running(cluster, rng, signal.SIGKILL, deadline)
+    while cluster.alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for p in cluster.alive():
+        p.kill()
+    outputs = "\n".join(log.read_text() for log in cluster.logs)
+    assert all(kills.values()), (kills, outputs[-3000:])
+    # Killed workers died (-9) or stopped with one line (2, SIGTERM); the others finished (0).
+    codes = sorted(p.returncode for p in cluster.procs)
+    assert codes.count(-signal.SIGKILL) == 3 and codes.count(2) == 1 and codes.count(0) == len(codes) - 4, (codes, outputs[-3000:])
+    assert "Traceback" not in outputs, outputs[-3000:]
+    assert "error: interrupted by SIGTERM: the running trial was recorded FAIL and re-queued" in outputs
+
+    trials = _trials(cluster)
+    by_number = {t.number: t for t in trials}
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == TOTAL, [t.state for t in trials]
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) >= len(kills)
+    for t in failed:  # every interrupted trial was redone, by a finished retry of its plan
+        redo = [r for r in trials if r.user_attrs.get(record.RETRY_OF) == t.number]
+        assert redo and redo[0].params == t.params, t.number
+    assert any(t.user_attrs.get(record.FAIL_REASON) == "interrupted by SIGTERM" for t in failed)
+    for t in finished:  # a retried plan counts once: its earlier attempt is FAIL
+        if record.RETRY_OF in t.user_attrs:
+            assert by_number[t.user_attrs[record.RETRY_OF]].state == TrialState.FAIL
+    # Every artifact left has a finished owner, and every finished trial its artifacts.
+    files = set(os.listdir(tmp_path / "store" / "artifacts"))
+    owned = {a for t in trials if t.state == TrialState.COMPLETE for a in artifact_ids(t)}
+    assert files == owned
+    assert outputs.count("training baseline") == 1
