@@ -3,11 +3,19 @@
 Writes ``pareto.json`` (the study's configuration, baseline and hypervolume, and the trial
 record of every Pareto plan with its test accuracy and plan file name), one
 ``plan-trial-<n>.json`` per Pareto plan (its trial record, :mod:`objectives.record`: what
-``search.apply`` reads), ``trials.csv`` (every trial; a stopped trial shows its values at the
-epoch it stopped after) and ``pareto.png`` (the front coloured by weight representation). Export
-is the only place the test split is read: for each Pareto plan, from its stored artifact.
-Stopped (pruned) and infeasible trials never enter the front. ``--materialize`` also writes the
-artifacts.
+``search.apply`` reads), ``trials.csv`` (every trial; a stopped trial, ``stopped`` true, shows its
+values at the epoch it stopped after) and ``pareto.png`` (the front coloured by technique
+families and labelled with trial numbers, stopped trials faint at their values when stopped,
+accuracy zoomed on the floor and above, ratio on a log axis). The test accuracy of each Pareto
+plan is read here, from its stored artifact. Stopped (pruned) and infeasible trials never enter
+the front. ``--materialize`` also writes the artifacts.
+
+**Accuracy floor.** Plans below the hypervolume's reference accuracy (the baseline's validation
+accuracy minus ``--accuracy-floor`` points, default :data:`search.progress.ACCURACY_FLOOR_POINTS`)
+are left out of the exported front (``pareto.json``'s plans, the plan files, the console list,
+``pareto.png``): a chance-level plan of huge ratio is Pareto-optimal but useless. They stay in
+``trials.csv`` (``pareto`` true); ``pareto.json`` names them under ``accuracy_floor``.
+``--accuracy-floor 100`` keeps every plan.
 
 Refinement (``search.refine``): the front is that of the search trials; refinement trials never
 enter it. A front plan whose trial was refined carries, beside its search values, ``refined_*``
@@ -37,9 +45,10 @@ from models.datasets import load_dataset
 from models.errors import UserError, check_folder, cli_main
 from models.presets import get_preset
 from models.train import evaluate_split
+from objectives import record
 from objectives.objective import is_feasible
 from objectives.record import FIDELITY_EPOCHS, TrialRecord, write_plan_file
-from search.progress import front_trials, study_hypervolume
+from search.progress import ACCURACY_FLOOR_POINTS, front_trials, study_hypervolume
 from search.refine import best_refinements
 from search.studies import find_study_name, stored_config
 from search.worker import add_study_args
@@ -64,7 +73,9 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     for t in trials:
         r = TrialRecord.from_trial(t, names)
         values = r.values or r.stopped_values or {}
-        row: dict[str, Any] = {"number": t.number, "state": r.state}
+        # A stopped trial is PRUNED (Optuna keeps no values): its columns hold its values at the
+        # epoch it stopped after, and ``stopped`` marks them as such.
+        row: dict[str, Any] = {"number": t.number, "state": r.state, "stopped": r.stopped_at_epoch is not None}
         row.update({n: values.get(n, math.nan) for n in names})
         row.update(
             families=r.families, bytes=r.bytes, feasible=is_feasible(t), pareto=t.number in front,
@@ -80,39 +91,90 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _weights_family(trial: FrozenTrial) -> str:
-    """The label the front is coloured by: the weight representation, ``+sparse`` if pruned."""
-    return TrialRecord.from_trial(trial).to_plan().weights_family
+def _families(trial: FrozenTrial) -> str:
+    """The label the front is coloured by: the plan's technique families (``lowrank+prune+int+act``;
+    ``fp32`` for none), recorded with the trial or read from its plan."""
+    r = TrialRecord.from_trial(trial)
+    return r.families or r.to_plan().families
 
 
-def plot_front(study: optuna.Study, baseline: dict[str, Any], path: Path | BinaryIO) -> None:
-    """Scatter of every feasible trial (grey) and the front coloured by technique family, as a
-    PNG written to ``path`` (a file name or a binary stream)."""
+def accuracy_floor(baseline: dict[str, Any], points: float) -> float | None:
+    """The lowest validation accuracy an exported plan may have: the baseline's minus ``points``
+    (the hypervolume's reference at the default); None when the study records no baseline."""
+    acc = baseline.get("val_accuracy")
+    return None if acc is None else acc - points / 100.0
+
+
+def _stopped_point(trial: FrozenTrial) -> tuple[float, float] | None:
+    """(accuracy, ratio) of a stopped trial at the epoch it stopped after, if recorded."""
+    values = trial.user_attrs.get(record.STOPPED_VALUES) or {}
+    acc, ratio = values.get("val_accuracy"), values.get("compression_ratio")
+    return None if acc is None or ratio is None else (acc, ratio)
+
+
+def front_figure(study: optuna.Study, baseline: dict[str, Any], floor: float | None = None) -> Any:
+    """The matplotlib figure of ``pareto.png``: the front above ``floor`` coloured by technique
+    families and labelled with trial numbers, the other feasible trials in grey, stopped trials
+    faint at their values when stopped; accuracy from the floor to a little above the best, the
+    ratio on a log axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    trials = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and t.values and is_feasible(t)]
-    front = front_trials(trials)
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
-    ax.scatter([t.values[1] for t in trials], [100 * t.values[0] for t in trials], s=12, c="#bbbbbb", label="trials")
-    labels = {t.number: _weights_family(t) for t in front}
+    def above(acc: float) -> bool:
+        return floor is None or acc >= floor
+
+    everything = study.get_trials(deepcopy=False)
+    trials = [t for t in everything if t.state == TrialState.COMPLETE and t.values and is_feasible(t)]
+    front = [t for t in front_trials(trials) if above(t.values[0])]
+    on_front = {t.number for t in front}
+    others = [t for t in trials if t.number not in on_front and above(t.values[0])]
+    stopped = [(t, p) for t in everything if t.state == TrialState.PRUNED and (p := _stopped_point(t)) and above(p[0])]
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    ax.scatter([t.values[1] for t in others], [100 * t.values[0] for t in others], s=12, c="#b0b0b0",
+               label="other feasible trials", zorder=1)
+    if stopped:
+        ax.scatter([p[1] for _, p in stopped], [100 * p[0] for _, p in stopped], s=14, facecolors="none",
+                   edgecolors="#909090", alpha=0.45, linewidths=0.7, label="stopped early (at the stop)", zorder=1)
+    labels = {t.number: _families(t) for t in front}
     fams = sorted(set(labels.values()))
-    cmap = plt.get_cmap("tab10")
+    cmap = plt.get_cmap("tab10" if len(fams) <= 10 else "tab20")
     for i, fam in enumerate(fams):
         pts = [t for t in front if labels[t.number] == fam]
-        ax.scatter([t.values[1] for t in pts], [100 * t.values[0] for t in pts], s=50, color=cmap(i % 10),
+        ax.scatter([t.values[1] for t in pts], [100 * t.values[0] for t in pts], s=50, color=cmap(i % cmap.N),
                    edgecolor="black", label=fam, zorder=3)
+    for t in front:
+        ax.annotate(f"#{t.number}", (t.values[1], 100 * t.values[0]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=7, zorder=4)
     ax.plot([t.values[1] for t in front], [100 * t.values[0] for t in front], color="black", lw=0.8, zorder=2)
-    ax.axhline(100 * baseline["val_accuracy"], color="red", ls="--", lw=0.8, label="baseline (val)")
+    base = baseline.get("val_accuracy")
+    if base is not None:
+        ax.axhline(100 * base, color="red", ls="--", lw=0.8, label="baseline (val)")
+    if floor is not None and floor > 0:
+        ax.axhline(100 * floor, color="#555555", ls=":", lw=0.8, label="accuracy floor (not exported below)")
+    # Zoom on the useful band: the floor (or the lowest point shown) to a little above the best.
+    shown = [100 * t.values[0] for t in (*front, *others)] + [100 * p[0] for _, p in stopped]
+    top = max([*shown, *([100 * base] if base is not None else [])], default=100.0)
+    low = 100 * floor if floor is not None and floor > 0 else min(shown, default=0.0)
+    pad = max(0.25, 0.04 * (top - low))
+    ax.set_ylim(max(0.0, low - pad), min(100.0 + pad, top + pad))
     ax.set_xscale("log")
     ax.set_xlabel("compression ratio (measured bytes, log scale)")
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(f"{study.study_name}: Pareto front ({len(front)} of {len(trials)} feasible trials)")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(f"{study.study_name}: Pareto front ({len(front)} plans; {len(trials)} feasible, "
+                 f"{len(stopped)} stopped trials shown)")
+    ax.legend(fontsize=7, loc="lower left", ncol=2 if len(fams) > 6 else 1)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def plot_front(study: optuna.Study, baseline: dict[str, Any], path: Path | BinaryIO, floor: float | None = None) -> None:
+    """:func:`front_figure` as a PNG written to ``path`` (a file name or a binary stream)."""
+    import matplotlib.pyplot as plt
+
+    fig = front_figure(study, baseline, floor)
     fig.savefig(path, format="png")
     plt.close(fig)
 
@@ -154,16 +216,26 @@ def _nothing_to_export(study: optuna.Study) -> str:
             f"{f'; {infeasible} infeasible' if infeasible else ''}); {hint}")
 
 
-def export(study: optuna.Study, out: Path, *, data_dir: str, store_root: str, materialize: bool) -> dict[str, Any]:
+def export(study: optuna.Study, out: Path, *, data_dir: str, store_root: str, materialize: bool,
+           floor_points: float = ACCURACY_FLOOR_POINTS) -> dict[str, Any]:
     """Write the export files for ``study`` into ``out``; return the pareto.json content.
 
-    Everything is computed before the first file is written, so a study with nothing to export
-    or a corrupt artifact leaves no half-written export behind."""
+    Pareto plans more than ``floor_points`` accuracy points below the baseline are left out
+    (module doc). Everything is computed before the first file is written, so a study with
+    nothing to export or a corrupt artifact leaves no half-written export behind."""
     config = stored_config(study)
     baseline = study.user_attrs.get("baseline", {})
     front = front_trials(study.get_trials(deepcopy=False))
     if not front:
         raise UserError(_nothing_to_export(study))
+    floor = accuracy_floor(baseline, floor_points)
+    below = [t for t in front if floor is not None and t.values[0] < floor]
+    front = [t for t in front if t not in below]
+    if not front:
+        best = max(t.values[0] for t in below)
+        raise UserError(f"every Pareto plan of study {study.study_name!r} is below the accuracy floor {floor:.4f} "
+                        f"(baseline val {baseline['val_accuracy']:.4f} - {floor_points:g} points; best plan {best:.4f}); "
+                        "pass --accuracy-floor 100 to export them anyway")
     store = open_artifact_store(str(Path(store_root) / "artifacts"))
     preset = get_preset(config.preset)
     data = load_dataset(config.dataset or preset.dataset, data_dir, val_fraction=preset.val_fraction, seed=config.seed)
@@ -200,11 +272,12 @@ def export(study: optuna.Study, out: Path, *, data_dir: str, store_root: str, ma
         "baseline": baseline,
         "metric_names": names,
         "hypervolume": study_hypervolume(study.get_trials(deepcopy=False), baseline.get("val_accuracy", 0.0)),
+        "accuracy_floor": {"points": floor_points, "val_accuracy": floor, "left_out": [t.number for t in below]},
         "plans": plans,
     }
     csv = trials_frame(study).to_csv(index=False)
     png = io.BytesIO()
-    plot_front(study, baseline, png)
+    plot_front(study, baseline, png, floor)
     out.mkdir(parents=True, exist_ok=True)
     for path, content in files.items():
         if isinstance(content, bytes):
