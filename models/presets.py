@@ -1,11 +1,20 @@
-"""Presets: a model, a dataset and the training budgets that go with them."""
+"""Presets: a model, a dataset and the training budgets that go with them.
+
+The default preset (:data:`DEFAULT_PRESET`, ResNet-18 on CIFAR-10) is meant for a GPU; on a
+machine without CUDA whose data folder lacks CIFAR-10, a search started without ``--preset``
+runs :data:`FALLBACK_PRESET` (``digits``: offline, minutes on a CPU) instead, and says so
+(:func:`default_preset`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from models.errors import UnknownNameError
+import torch
+
+from models.errors import DataNotFoundError, UnknownNameError
 from models.train import TrainConfig
 
 
@@ -74,6 +83,7 @@ PRESETS: dict[str, Preset] = {
     )
 }
 DEFAULT_PRESET = "cifar10-resnet18"
+FALLBACK_PRESET = "digits"  # what a search without --preset runs on a CPU machine lacking CIFAR-10
 
 
 def list_presets() -> list[str]:
@@ -87,3 +97,37 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise UnknownNameError("preset", name, PRESETS) from None
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA device is usable here."""
+    return torch.cuda.is_available()
+
+
+def data_present(dataset: str, data_dir: str | Path) -> bool:
+    """Whether ``dataset``'s files are in ``data_dir`` (or where it is otherwise found), without
+    downloading anything."""
+    from models.datasets import load_dataset  # imported here: presets load without the parsers
+
+    try:
+        load_dataset(dataset, data_dir, download=False)
+    except DataNotFoundError:
+        return False
+    return True
+
+
+def default_preset(data_dir: str | Path = "data", dataset: str | None = None) -> tuple[str, str | None]:
+    """The preset a search without ``--preset`` runs, and a one-line note when it is not
+    :data:`DEFAULT_PRESET`: with a CUDA device, with the default preset's dataset in
+    ``data_dir``, or with a ``dataset`` override (the fallback's model fits its own data only),
+    the default; otherwise :data:`FALLBACK_PRESET`, which runs offline on a CPU (the default
+    would download CIFAR-10 and train ResNet-18 on the CPU for hours, or fail offline)."""
+    if dataset is not None or cuda_available():
+        return DEFAULT_PRESET, None
+    dataset = PRESETS[DEFAULT_PRESET].dataset
+    if data_present(dataset, data_dir):
+        return DEFAULT_PRESET, None
+    return FALLBACK_PRESET, (
+        f"note: no CUDA device and no {dataset} in {data_dir}/: running --preset {FALLBACK_PRESET} instead of the "
+        f"default {DEFAULT_PRESET} (pass --preset to choose)"
+    )

@@ -78,7 +78,8 @@ class Workbench:
         data = host.to(device)
         del host  # on a GPU the host copy is no longer needed
         model, record = load_or_train_baseline(p, data, seed=seed, store=store, device=device, log=log)
-        return cls(p, data, model, record, measure(model).bytes, device, seed, str(store))
+        # The baseline's artifact records the input spec too: ratios compare like with like.
+        return cls(p, data, model, record, measure(model, data.spec).bytes, device, seed, str(store))
 
     def sensitivity(self, policy: LayerPolicy, techniques: Sequence[str],
                     log: Callable[[str], None] | None = None) -> SensitivityProfile:
@@ -165,7 +166,7 @@ def prepare(bench: Workbench, plan: Plan, seed: int) -> Prepared:
         recalibrate_batchnorm(model, bench.data)
     probe = applied.copy()  # the model and its techniques' states, copied together
     probe.finalize()
-    predicted = measure(probe.model).bytes
+    predicted = measure(probe.model, bench.data.spec).bytes
     return Prepared(applied, predicted, seed, time.perf_counter() - start)
 
 
@@ -199,7 +200,7 @@ def finish(
     if plan.steps:
         # Snapping weights onto their final representation shifts activations a little.
         recalibrate_batchnorm(model, bench.data)
-    size = measure(model)
+    size = measure(model, bench.data.spec)  # the artifact records how to feed the model
     return Outcome(
         plan=plan,
         model=model,

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from storage.codec import encode_with_report
+from models.spec import DataSpec
+from storage.codec import InputSpec, encode_with_report
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,13 @@ class Size:
         return baseline_bytes / self.bytes
 
 
-def measure(model: nn.Module) -> Size:
-    """The one size entry point: encode ``model`` and report its bytes and breakdown."""
-    artifact, breakdown = encode_with_report(model)
+def measure(model: nn.Module, spec: InputSpec | DataSpec | None = None) -> Size:
+    """The one size entry point: encode ``model`` and report its bytes and breakdown.
+
+    ``spec`` (the data's spec) is recorded in the artifact's header, so that the artifact says
+    how to feed the model; its few dozen bytes count like every other byte.
+    """
+    artifact, breakdown = encode_with_report(model, spec=spec)
     return Size(artifact, breakdown)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,7 +21,7 @@ from models.errors import UnknownNameError, UserError, check_folder, check_outpu
 from models.presets import get_preset
 from models.registry import create_model
 from models.train import evaluate_split, resolve_device
-from objectives.pipeline import Outcome, Workbench, finish, prepare
+from objectives.pipeline import Outcome, Workbench, finetune_config, finish, prepare
 from objectives.record import TrialRecord, read_plan_file
 from spaces.plan import Plan, compressible_layers
 
@@ -75,13 +77,27 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def rebuild(plan: Plan, record: TrialRecord, *, preset: str | None = None, data_dir: str = "data",
-            store: str = "runs", device: torch.device | None = None, epochs: int | None = None) -> tuple[Workbench, Outcome]:
+            store: str = "runs", device: torch.device | None = None, epochs: int | None = None,
+            log: Callable[[str], None] | None = None) -> tuple[Workbench, Outcome]:
     """Apply ``plan`` to its preset's cached baseline and fine-tune it, as the trial did (same
-    dataset, baseline seed and trial seed)."""
+    dataset, baseline seed and trial seed). ``log`` gets a line per step and per fine-tune epoch
+    (epoch k/n, validation accuracy, seconds)."""
     bench = Workbench.load(resolve_preset(record, preset), dataset=record.dataset, data_dir=data_dir,
-                           store=store, seed=record.baseline_seed, device=device)
+                           store=store, seed=record.baseline_seed, device=device, log=log)
     prepared = prepare(bench, plan, record.seed)
-    return bench, finish(bench, prepared, epochs=epochs)
+    if log is not None:
+        n = finetune_config(bench, plan, record.seed, epochs).epochs
+        log(f"{plan.families}: applied to the {bench.preset.name} baseline in {prepared.seconds:.1f}s "
+            f"(predicted {prepared.predicted_bytes} B); fine-tuning {n} epoch{'s' if n != 1 else ''}")
+    outcome = finish(bench, prepared, epochs=epochs, log=log)
+    if log is not None:
+        log(f"done in {outcome.seconds:.1f}s: val {outcome.val_accuracy:.4f}, {outcome.bytes} B, ratio {outcome.ratio:.2f}")
+    return bench, outcome
+
+
+def _progress(line: str) -> None:
+    # stderr: stdout holds the JSON summary, which scripts parse.
+    print(line, file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{source}: {field}: must be >= 0, got {getattr(record, field)}")
     device = resolve_device(args.device)  # a bad --device is one line, before any training
     bench, outcome = rebuild(plan, record, preset=args.preset, data_dir=args.data_dir, store=args.store,
-                             device=device, epochs=args.epochs)
+                             device=device, epochs=args.epochs, log=_progress)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(outcome.artifact)

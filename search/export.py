@@ -299,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="data")
     p.add_argument("--out", default="exports", help="output folder (default: exports)")
     p.add_argument("--materialize", action="store_true", help="also write each Pareto plan's artifact (.pcz)")
+    p.add_argument("--accuracy-floor", type=float, default=ACCURACY_FLOOR_POINTS, metavar="POINTS",
+                   help=f"leave out Pareto plans more than POINTS accuracy points below the baseline, as the hypervolume "
+                        f"does (default: {ACCURACY_FLOOR_POINTS:g}; 100 keeps every plan)")
+    p.add_argument("--wandb", action="store_true",
+                   help="log the exported front (values, test accuracy, bytes) to Weights & Biases (WANDB_MODE=offline works)")
     return p
 
 
@@ -306,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
+    if not (math.isfinite(args.accuracy_floor) and args.accuracy_floor >= 0):
+        raise UserError(f"--accuracy-floor must be >= 0 accuracy points below the baseline (100 keeps every plan), "
+                        f"got {args.accuracy_floor}")
+    if args.wandb:
+        from search.wandb_log import import_wandb
+
+        import_wandb()  # a missing wandb is one line now, not after the export
     check_folder(args.out, "--out")  # now, not after the test accuracies are computed
     check_folder(args.data_dir, "--data-dir", write=False)
     if args.store is not None:
@@ -313,8 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     storage = open_storage(args.storage, heartbeat=False, create=False)
     study = load_study(args.name or find_study_name(storage, args.study, args.preset), storage)
     summary = export(study, Path(args.out), data_dir=args.data_dir,
-                     store_root=args.store or default_store(args.storage), materialize=args.materialize)
+                     store_root=args.store or default_store(args.storage), materialize=args.materialize,
+                     floor_points=args.accuracy_floor)
     print(f"{len(summary['plans'])} Pareto plans -> {args.out}/pareto.json, trials.csv, pareto.png")
+    floor = summary["accuracy_floor"]
+    if floor["left_out"]:
+        print(f"  left out {len(floor['left_out'])} below the accuracy floor {floor['val_accuracy']:.4f} (baseline - "
+              f"{floor['points']:g} points): trials {', '.join(map(str, floor['left_out']))}; --accuracy-floor 100 keeps them")
     acc, ratio = summary["metric_names"][:2]
     for p in summary["plans"]:
         print(f"  trial {p['trial']:>4}  {p['families']:<28} val {p['values'][acc]:.4f} "
@@ -322,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         if "refined_trial" in p:
             print(f"  {'refined':>10} {p['refined_epochs']:>3} epochs{'':<18} val {p['refined_values'][acc]:.4f} "
                   f"test {p['refined_test_accuracy']:.4f} ratio {p['refined_values'][ratio]:.2f}  {p['refined_plan_file']}")
+    if args.wandb:
+        from search.wandb_log import log_export
+
+        log_export(summary)
     return 0
 
 

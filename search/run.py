@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from models.errors import UserError, cli_main
-from models.presets import DEFAULT_PRESET, get_preset, list_presets
+from models.presets import DEFAULT_PRESET, FALLBACK_PRESET, default_preset, get_preset, list_presets
 from objectives.objective import parse_objectives
 from objectives.pipeline import Workbench
 from search.progress import ProgressDisplay, study_stats
@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", default="all", help=f"named study space: {', '.join(study_names())} (default: all)")
     p.add_argument("--trials", type=int, default=200, help="total trials of the study, over all workers (default: 200)")
-    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"{', '.join(list_presets())} (default: {DEFAULT_PRESET})")
+    p.add_argument("--preset", default=None,
+                   help=f"{', '.join(list_presets())} (default: {DEFAULT_PRESET}; {FALLBACK_PRESET} on a machine "
+                        f"without CUDA whose --data-dir lacks CIFAR-10)")
     p.add_argument("--dataset", default=None, help="override the preset's dataset (e.g. mnist-t10k, npz:PATH)")
     p.add_argument("--name", default=None, help="Optuna study name (default: <study>-<preset>)")
     p.add_argument("--jobs", type=int, default=1, help="local worker processes (default: 1)")
@@ -166,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     logging.getLogger("optuna").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
+    if args.preset is None:  # the default, or digits on a CPU machine without CIFAR-10 (one line says so)
+        args.preset, note = default_preset(args.data_dir, args.dataset)
+        if note:
+            print(note, flush=True)
     config = study_config(args)
     import torch
 

@@ -11,6 +11,14 @@ The header names the architecture (``models.create_model`` arguments), and for e
 registered layer) its JSON spec and its streams: dtype/bits, shape, and where its blobs lie.
 No pickle: a corrupt or truncated file is refused with one clear error.
 
+Input spec. ``encode(model, spec=...)`` also records how the model is fed (:class:`InputSpec`:
+``C x H x W``, per-channel mean/std of the 0..1-scaled pixels, number of classes, class names or
+null) as the header's ``input`` field (header format 2; without a spec the header is format 1,
+byte for byte what earlier versions wrote, and both formats decode). ``decode`` returns the model
+with ``model.input_spec`` (None for format 1) and ``model.predict_uint8(images)``: class indices
+of uint8 images as stored, normalised exactly as training normalised them. ``forward`` still takes
+normalised float input. The spec's bytes are part of the header, so they count in the size.
+
 Reading trusts nothing a file declares, checksum or not. Before anything big is allocated,
 ``decode`` rebuilds the architecture on the meta device and checks the header against it: every
 unit path names a layer of that architecture and every layer is provided exactly once; each
@@ -26,7 +34,11 @@ architecture's dense fp32 size, plus ``UNIT_SLACK`` a unit), plus working memory
 stream is read (a few tens of bytes an element of that one tensor: bit unpacking, int64 codes,
 the mask), plus the header. Any violation is a :class:`CorruptArtifactError` naming the unit, stream and field. Fields that do
 not shape a tensor (a conv's stride, a BatchNorm's eps, an activation format) are taken as
-written: they are checked only for being what their layer type accepts.
+written: they are checked only for being what their layer type accepts. The ``input`` field is
+checked like the rest: exactly its keys, channels and classes equal to the architecture's, sides
+at most ``MAX_INPUT_SIDE``, one finite mean and std per channel within ``NORM_BOUND`` (std at
+least ``MIN_STD``), and null or one non-empty name of at most ``MAX_CLASS_NAME`` characters per
+class.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import types
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -50,6 +63,7 @@ from torch.overrides import TorchFunctionMode
 import spaces  # noqa: F401  (registers every technique's layer types and components)
 from models.errors import UserError
 from models.registry import create_model, model_arch
+from models.spec import DataSpec
 from spaces.layers import (
     FLOAT_DTYPES,
     CConv2d,
@@ -64,7 +78,8 @@ from spaces.layers import (
 )
 
 MAGIC = b"PCZ\x01"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the header holds the input spec ("input")
+FORMAT_WITHOUT_SPEC = 1  # no input spec: what encode writes without one, and every older artifact
 _ZSTD_LEVEL = 9
 _SKIP_BUFFERS = ("num_batches_tracked",)  # bookkeeping, not needed for inference
 
@@ -78,10 +93,133 @@ MAX_MODEL_BYTES = 1 << 30
 # per-channel scales and zero points. 6x covers these; the slack covers small layers' codebooks.
 UNIT_FACTOR = 6
 UNIT_SLACK = 64 << 10
+# The input spec: real images are at most a few thousand pixels a side; mean and std are those
+# of 0..1-scaled pixels (DataSpec rounds them to 4 decimals, so a real std is >= 1e-4).
+MAX_INPUT_SIDE = 1 << 16
+MAX_CLASS_NAME = 256
+NORM_BOUND = 1e6
+MIN_STD = 1e-6
 
 
 class CorruptArtifactError(UserError):
     """The bytes are not a valid artifact (truncated, corrupted, or another format)."""
+
+
+# ------------------------------------------------------------------------------- input spec
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How a model is fed: what the artifact's ``input`` header field records.
+
+    ``forward`` takes float ``(N, C, H, W)`` images normalised per channel as
+    ``(pixel / 255 - mean) / std``; :meth:`normalize` makes them from uint8 pixels as stored.
+
+    Attributes:
+        channels, height, width: The input image shape ``C x H x W``.
+        mean, std: Per-channel mean and standard deviation of the 0..1-scaled pixels.
+        num_classes: Number of outputs (logits).
+        class_names: The name of each class, where the dataset has them; else None.
+    """
+
+    channels: int
+    height: int
+    width: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+    class_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(
+                f"InputSpec needs one mean and std per channel ({self.channels}), got {self!r}"
+            )
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"InputSpec needs one class name per class ({self.num_classes}), got {self!r}"
+            )
+
+    @classmethod
+    def of(cls, spec: InputSpec | DataSpec) -> InputSpec:
+        """``spec`` as an :class:`InputSpec` (a dataset's :class:`DataSpec` is square; its class
+        names are taken when it carries ``class_names``, which today's datasets do not)."""
+        if isinstance(spec, InputSpec):
+            return spec
+        names = getattr(spec, "class_names", None)
+        return cls(
+            spec.channels,
+            spec.size,
+            spec.size,
+            tuple(float(v) for v in spec.mean),
+            tuple(float(v) for v in spec.std),
+            spec.num_classes,
+            None if names is None else tuple(str(n) for n in names),
+        )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        return (self.channels, self.height, self.width)
+
+    def to_json(self) -> dict[str, Any]:
+        """The header's ``input`` field."""
+        return {
+            "shape": list(self.shape),
+            "mean": [float(v) for v in self.mean],
+            "std": [float(v) for v in self.std],
+            "num_classes": self.num_classes,
+            "class_names": None if self.class_names is None else list(self.class_names),
+        }
+
+    def scale_shift(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        """``(scale, shift)`` of shape ``(1, C, 1, 1)`` with ``normalised = pixel * scale +
+        shift``, computed in fp32 exactly as :class:`models.loader.DeviceLoader` does."""
+        std = torch.tensor(self.std, dtype=torch.float32, device=device)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=device)
+        return (1.0 / (255.0 * std)).view(1, -1, 1, 1), (-mean / std).view(1, -1, 1, 1)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 ``(N, C, H, W)`` pixels -> the float input ``forward`` takes (the training
+        loader's fused ``shift + pixel * scale``, so accuracy is that of the evaluation)."""
+        scale, shift = self.scale_shift(images.device)
+        return torch.addcmul(shift, images, scale)
+
+
+def predict_uint8(model: nn.Module, images: Tensor | np.ndarray, batch_size: int = 1024) -> Tensor:
+    """Class indices (int64, ``(N,)``) of uint8 ``images`` as stored: ``(N, C, H, W)``, or
+    ``(N, H, W)`` for one channel, normalised with ``model.input_spec`` (bound to a decoded
+    model as ``model.predict_uint8``).
+
+    Raises:
+        UserError: the model records no input spec, or the images are not uint8 of its shape.
+    """
+    spec: InputSpec | None = getattr(model, "input_spec", None)
+    if spec is None:
+        raise UserError(
+            "this model records no input spec (its artifact predates input specs); "
+            "rebuild it with python -m search.apply, or normalise the images yourself"
+        )
+    x = torch.as_tensor(images)
+    if x.dtype != torch.uint8:
+        raise UserError(
+            f"predict_uint8 takes uint8 images (pixels as stored, 0..255), got {x.dtype}; "
+            "convert them with .astype(uint8) or feed normalised floats to the model itself"
+        )
+    if x.ndim == 3 and spec.channels == 1:
+        x = x.unsqueeze(1)
+    if x.ndim != 4 or tuple(x.shape[1:]) != spec.shape:
+        c, h, w = spec.shape
+        one = f" or (N, {h}, {w})" if c == 1 else ""
+        raise UserError(
+            f"images of shape {tuple(x.shape)}; this model takes (N, {c}, {h}, {w}){one}"
+        )
+    device = next(iter(model.parameters())).device
+    out = [torch.zeros(0, dtype=torch.int64, device=device)]
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            out.append(model(spec.normalize(x[start : start + batch_size].to(device))).argmax(1))
+    return torch.cat(out)
 
 
 # ------------------------------------------------------------------------------------ blobs
@@ -379,12 +517,25 @@ def _check_covered(model: nn.Module, unit_paths: list[str]) -> None:
             )
 
 
-def encode_with_report(model: nn.Module, entropy: bool = True) -> tuple[bytes, dict[str, int]]:
+def encode_with_report(
+    model: nn.Module, entropy: bool = True, *, spec: InputSpec | DataSpec | None = None
+) -> tuple[bytes, dict[str, int]]:
     """Encode ``model``; also return the bytes of each unit's blobs and of the header.
 
     ``entropy=False`` stores every blob raw (no zstd), so that sizes follow from the format
     alone (tests, measuring what entropy coding gains); the header is zstd-compressed always.
+    ``spec``: how the model is fed, recorded in the header (format 2); default: the
+    ``input_spec`` of a decoded model, else none (format 1).
     """
+    arch = model_arch(model)
+    spec = spec if spec is not None else getattr(model, "input_spec", None)
+    if spec is not None:
+        spec = InputSpec.of(spec)
+        if (spec.channels, spec.num_classes) != (arch["in_channels"], arch["num_classes"]):
+            raise UserError(
+                f"input spec of {spec.channels} channels and {spec.num_classes} classes does not fit "
+                f"{arch['name']} built for {arch['in_channels']} and {arch['num_classes']}; pass the model's own data spec"
+            )
     units = list(iter_units(model))
     _check_covered(model, [p for p, _ in units])
     writer = _Writer(entropy=entropy)
@@ -394,7 +545,9 @@ def encode_with_report(model: nn.Module, entropy: bool = True) -> tuple[bytes, d
         streams = {k: writer.stream(s) for k, s in export_unit(unit).items()}
         records.append({"path": path, "spec": layer_spec(unit), "streams": streams})
         breakdown[path] = writer.offset - before
-    header = {"format": FORMAT_VERSION, "arch": model_arch(model), "units": records}
+    header: dict[str, Any] = {"format": FORMAT_WITHOUT_SPEC, "arch": arch, "units": records}
+    if spec is not None:
+        header = {"format": FORMAT_VERSION, "arch": arch, "input": spec.to_json(), "units": records}
     header_z = zstandard.ZstdCompressor(level=19).compress(json.dumps(header, separators=(",", ":")).encode())
     body = MAGIC + struct.pack("<I", len(header_z)) + header_z + b"".join(writer.blobs)
     data = body + struct.pack("<I", zlib.crc32(body))
@@ -402,10 +555,12 @@ def encode_with_report(model: nn.Module, entropy: bool = True) -> tuple[bytes, d
     return data, breakdown
 
 
-def encode(model: nn.Module, entropy: bool = True) -> bytes:
-    """The compressed artifact of ``model`` (see module doc; ``entropy`` as in
+def encode(
+    model: nn.Module, entropy: bool = True, *, spec: InputSpec | DataSpec | None = None
+) -> bytes:
+    """The compressed artifact of ``model`` (see module doc; ``entropy`` and ``spec`` as in
     :func:`encode_with_report`)."""
-    return encode_with_report(model, entropy)[0]
+    return encode_with_report(model, entropy, spec=spec)[0]
 
 
 def encoded_size(model: nn.Module) -> int:
@@ -467,9 +622,10 @@ def _read_header(data: bytes) -> tuple[dict[str, Any], memoryview]:
         ) from None
     if not isinstance(header, dict):
         raise CorruptArtifactError("artifact header is not a JSON object; re-export it")
-    if header.get("format") != FORMAT_VERSION:
+    fmt = header.get("format")
+    if type(fmt) is not int or fmt not in (FORMAT_WITHOUT_SPEC, FORMAT_VERSION):  # true == 1
         raise CorruptArtifactError(
-            f"artifact format {_show(header.get('format'))} is not supported (expected {FORMAT_VERSION})"
+            f"artifact format {_show(fmt)} is not supported (expected {FORMAT_WITHOUT_SPEC} or {FORMAT_VERSION})"
         )
     return header, memoryview(data)[8 + hlen : -4]
 
@@ -596,6 +752,55 @@ def _architecture(arch: Any) -> nn.Module:
             f"in fp32, more than the {MAX_MODEL_BYTES} a decoder accepts",
         )
     return model
+
+
+def _floats(value: Any, where: str, n: int, lo: float, hi: float) -> tuple[float, ...]:
+    """``value`` if it is a list of ``n`` JSON floats in ``[lo, hi]`` (NaN is in no range)."""
+    if not isinstance(value, list) or len(value) != n:
+        raise _corrupt(
+            where, f"expected a list of {n} numbers (one per input channel), got {_show(value)}"
+        )
+    for i, v in enumerate(value):
+        if type(v) is not float or not lo <= v <= hi:
+            raise _corrupt(
+                f"{where}[{i}]", f"expected a finite number in [{lo:g}, {hi:g}], got {_show(v)}"
+            )
+    return tuple(value)
+
+
+def _input_spec(obj: Any, channels: int, classes: int) -> InputSpec:
+    """The header's ``input`` field, checked field by field against the architecture (built
+    for ``channels`` inputs and ``classes`` outputs) before anything reads it."""
+    where = "artifact input"
+    obj = _keys(obj, {"shape", "mean", "std", "num_classes", "class_names"}, where)
+    shape = obj["shape"]
+    if not isinstance(shape, list) or len(shape) != 3:
+        raise _corrupt(f"{where}.shape", f"expected [channels, height, width], got {_show(shape)}")
+    c = _int(shape[0], f"{where}.shape[0]", 1, MAX_INPUT_SIDE)
+    if c != channels:
+        raise _corrupt(f"{where}.shape[0]", f"{c} channels, but the architecture takes {channels}")
+    h = _int(shape[1], f"{where}.shape[1]", 1, MAX_INPUT_SIDE)
+    w = _int(shape[2], f"{where}.shape[2]", 1, MAX_INPUT_SIDE)
+    mean = _floats(obj["mean"], f"{where}.mean", c, -NORM_BOUND, NORM_BOUND)
+    std = _floats(obj["std"], f"{where}.std", c, MIN_STD, NORM_BOUND)
+    n = _int(obj["num_classes"], f"{where}.num_classes", 1, 2**31 - 1)
+    if n != classes:
+        raise _corrupt(
+            f"{where}.num_classes", f"{n} classes, but the architecture has {classes} outputs"
+        )
+    names = obj["class_names"]
+    if names is not None:
+        if not isinstance(names, list) or len(names) != n:
+            raise _corrupt(
+                f"{where}.class_names", f"expected null or a list of {n} names, got {_show(names)}"
+            )
+        for i, name in enumerate(names):
+            if not isinstance(name, str) or not 1 <= len(name) <= MAX_CLASS_NAME:
+                raise _corrupt(
+                    f"{where}.class_names[{i}]",
+                    f"expected a name of 1..{MAX_CLASS_NAME} characters, got {_show(name)}",
+                )
+    return InputSpec(c, h, w, mean, std, n, None if names is None else tuple(names))
 
 
 def _unit_records(units: Any, layers: dict[str, nn.Module], name: str) -> list[dict[str, Any]]:
@@ -780,17 +985,36 @@ def _unit_stream(
 def decode(data: bytes, device: torch.device | str = "cpu") -> nn.Module:
     """Rebuild the model encoded in ``data`` (eval mode, on ``device``).
 
+    The model takes normalised float input, as in training; ``model.input_spec`` is the
+    artifact's :class:`InputSpec` (None for an artifact without one) and
+    ``model.predict_uint8(images)`` gives class indices of uint8 images as stored
+    (:func:`predict_uint8`).
+
     Anything but what :func:`encode` writes is a :class:`CorruptArtifactError`, found before any
     large allocation (see the module doc for the checks and the memory bound)."""
     header, payload = _read_header(data)
     with _as_corrupt("artifact does not match its header"):
-        model = _rebuild(header, payload)
-    return model.to(device).eval()
+        model, spec = _rebuild(header, payload)
+    model = model.to(device).eval()
+    # Attributes, not a wrapper: the model keeps its class, paths and pc_arch, so it encodes,
+    # trains and compresses like any other (and encode keeps its spec).
+    setattr(model, "input_spec", spec)  # noqa: B010 (plain attributes, as models.registry's pc_arch)
+    setattr(model, "predict_uint8", types.MethodType(predict_uint8, model))  # noqa: B010
+    return model
 
 
-def _rebuild(header: dict[str, Any], data: memoryview) -> nn.Module:
-    _keys(header, {"format", "arch", "units"}, "artifact header")
+def _rebuild(header: dict[str, Any], data: memoryview) -> tuple[nn.Module, InputSpec | None]:
+    with_spec = header["format"] == FORMAT_VERSION
+    _keys(
+        header, {"format", "arch", "units"} | ({"input"} if with_spec else set()), "artifact header"
+    )
     model = _architecture(header["arch"])  # on the meta device until every unit replaces its part
+    arch = header["arch"]
+    spec = (
+        _input_spec(header["input"], arch["in_channels"], arch["num_classes"])
+        if with_spec
+        else None
+    )
     layers = dict(iter_units(model))
     records = _unit_records(header["units"], layers, header["arch"]["name"])
     payload = _Payload(data)
@@ -818,18 +1042,21 @@ def _rebuild(header: dict[str, Any], data: memoryview) -> nn.Module:
         raise _corrupt(
             "artifact units", f"tensor {tensors_left[0]!r} of the architecture is in no unit"
         )
-    return model
+    return model, spec
 
 
-def save_artifact(model: nn.Module, path: str | Path) -> int:
-    """Write ``encode(model)`` to ``path``; return its size in bytes."""
-    data = encode(model)
+def save_artifact(
+    model: nn.Module, path: str | Path, *, spec: InputSpec | DataSpec | None = None
+) -> int:
+    """Write ``encode(model, spec=spec)`` to ``path``; return its size in bytes."""
+    data = encode(model, spec=spec)
     Path(path).write_bytes(data)
     return len(data)
 
 
 def load_artifact(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """Read and decode an artifact file."""
+    """Read and decode an artifact file: the model (eval mode) with ``model.input_spec`` and
+    ``model.predict_uint8(images)`` (see :func:`decode`)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"artifact {p} does not exist")
