@@ -4,7 +4,8 @@
 With the study's budget (no ``--epochs``) the artifact is byte-identical to the trial's, so the
 ratio equals the recorded one exactly. The plan file is a trial record
 (:mod:`objectives.record`), or a bare plan (``{"steps": ...}``) with ``--preset``; it is checked
-before any data or model is loaded.
+before any data or model is loaded. ``--onnx`` also writes the model as ONNX beside the artifact
+(``model.pcz`` -> ``model.onnx``: uint8 images in, logits out; :mod:`storage.onnx_export`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from models.train import evaluate_split, resolve_device
 from objectives.pipeline import Outcome, Workbench, finetune_config, finish, prepare
 from objectives.record import TrialRecord, read_plan_file
 from spaces.plan import Plan, compressible_layers
+from storage.codec import decode
+from storage.onnx_export import require_onnx, to_onnx
 
 
 def resolve_preset(record: TrialRecord, preset: str | None, source: str = "the plan file") -> str:
@@ -72,6 +75,11 @@ def check_args(args: argparse.Namespace) -> None:
     out = check_output_file(args.out, "--out")
     if plan_path.exists() and out.exists() and out.samefile(plan_path):
         raise UserError(f"--out {out} is the plan file itself; pass another path (e.g. model.pcz)")
+    if args.onnx:
+        require_onnx()
+        if out.suffix == ".onnx":
+            raise UserError(f"--out {out} ends in .onnx, the file --onnx writes beside it; pass the artifact path (e.g. model.pcz)")
+        check_output_file(out.with_suffix(".onnx"), "--onnx")
     check_folder(args.store, "--store")  # the baseline may be trained and cached there
     check_folder(args.data_dir, "--data-dir", write=False)
 
@@ -110,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="data")
     p.add_argument("--store", default="runs", help="root of the baseline cache (default: runs)")
     p.add_argument("--device", default=None)
+    p.add_argument("--onnx", action="store_true",
+                   help="also write the model as ONNX beside the artifact (model.pcz -> model.onnx; uint8 images in)")
     return p
 
 
@@ -142,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     if record.bytes is not None:
         summary["recorded_bytes"] = record.bytes
         summary["recorded_compression_ratio"] = record.values.get("compression_ratio")
+    if args.onnx:  # from the artifact, as a user would load it; each layer's storage in the file
+        summary["onnx"] = str(out.with_suffix(".onnx"))
+        summary["onnx_layers"] = to_onnx(decode(outcome.artifact), None, out.with_suffix(".onnx"))
     print(json.dumps(summary, indent=2))
     return 0
 

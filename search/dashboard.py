@@ -1,9 +1,12 @@
 """``python -m search.dashboard``: optuna-dashboard on the study storage, with the artifact store,
-bound to 127.0.0.1 unless told otherwise. ``optuna-dashboard sqlite:///runs/search.db`` works too.
+bound to 127.0.0.1 unless told otherwise. ``optuna-dashboard sqlite:///runs/search.db
+--artifact-dir runs/artifacts`` works too (without ``--artifact-dir`` it lists artifacts but
+cannot download them).
 
 A trial's user attributes are the fields of its record (:mod:`objectives.record`), one attribute
 each, the plan first (so a failed trial shows it); its artifacts are the compressed model and the
-plan file (the record's JSON, which ``search.apply`` reads)."""
+plan file (the record's JSON, which ``search.apply`` reads). Its note (:mod:`search.notes`) shows
+the same record as tables; the study's note and charts show the baseline and the front."""
 
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ values at the epoch it stopped after) and ``pareto.png`` (the front coloured by 
 families and labelled with trial numbers, stopped trials faint at their values when stopped,
 accuracy zoomed on the floor and above, ratio on a log axis). The test accuracy of each Pareto
 plan is read here, from its stored artifact. Stopped (pruned) and infeasible trials never enter
-the front. ``--materialize`` also writes the artifacts.
+the front. ``--materialize`` also writes the artifacts; ``--onnx`` writes each plan's model as
+``trial-<n>.onnx`` (uint8 images in, logits out: :mod:`storage.onnx_export`), refined ones too.
 
 **Accuracy floor.** Plans below the hypervolume's reference accuracy (the baseline's validation
 accuracy minus ``--accuracy-floor`` points, default :data:`search.progress.ACCURACY_FLOOR_POINTS`)
@@ -48,11 +49,13 @@ from models.train import evaluate_split
 from objectives import record
 from objectives.objective import is_feasible
 from objectives.record import FIDELITY_EPOCHS, TrialRecord, write_plan_file
+from search.notes import save_study_note
 from search.progress import ACCURACY_FLOOR_POINTS, front_trials, study_hypervolume
 from search.refine import best_refinements
 from search.studies import find_study_name, stored_config
 from search.worker import add_study_args
 from storage.codec import CorruptArtifactError, decode
+from storage.onnx_export import onnx_bytes, require_onnx
 from storage.studies import (
     DEFAULT_STORAGE,
     default_store,
@@ -121,6 +124,7 @@ def front_figure(study: optuna.Study, baseline: dict[str, Any], floor: float | N
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     def above(acc: float) -> bool:
         return floor is None or acc >= floor
@@ -135,8 +139,8 @@ def front_figure(study: optuna.Study, baseline: dict[str, Any], floor: float | N
     ax.scatter([t.values[1] for t in others], [100 * t.values[0] for t in others], s=12, c="#b0b0b0",
                label="other feasible trials", zorder=1)
     if stopped:
-        ax.scatter([p[1] for _, p in stopped], [100 * p[0] for _, p in stopped], s=14, facecolors="none",
-                   edgecolors="#909090", alpha=0.45, linewidths=0.7, label="stopped early (at the stop)", zorder=1)
+        ax.scatter([p[1] for _, p in stopped], [100 * p[0] for _, p in stopped], s=16, facecolors="none",
+                   edgecolors="#808080", alpha=0.6, linewidths=0.8, label="stopped early (values at the stop)", zorder=1)
     labels = {t.number: _families(t) for t in front}
     fams = sorted(set(labels.values()))
     cmap = plt.get_cmap("tab10" if len(fams) <= 10 else "tab20")
@@ -160,6 +164,9 @@ def front_figure(study: optuna.Study, baseline: dict[str, Any], floor: float | N
     pad = max(0.25, 0.04 * (top - low))
     ax.set_ylim(max(0.0, low - pad), min(100.0 + pad, top + pad))
     ax.set_xscale("log")
+    # Ratios as 2x, 5x, 10x, 20x ... rather than powers of ten.
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}x" if v > 0 and f"{v:.0e}"[0] in "25" else ""))
     ax.set_xlabel("compression ratio (measured bytes, log scale)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(f"{study.study_name}: Pareto front ({len(front)} plans; {len(trials)} feasible, "
@@ -217,7 +224,7 @@ def _nothing_to_export(study: optuna.Study) -> str:
 
 
 def export(study: optuna.Study, out: Path, *, data_dir: str, store_root: str, materialize: bool,
-           floor_points: float = ACCURACY_FLOOR_POINTS) -> dict[str, Any]:
+           floor_points: float = ACCURACY_FLOOR_POINTS, onnx: bool = False) -> dict[str, Any]:
     """Write the export files for ``study`` into ``out``; return the pareto.json content.
 
     Pareto plans more than ``floor_points`` accuracy points below the baseline are left out
@@ -225,12 +232,16 @@ def export(study: optuna.Study, out: Path, *, data_dir: str, store_root: str, ma
     nothing to export or a corrupt artifact leaves no half-written export behind."""
     config = stored_config(study)
     baseline = study.user_attrs.get("baseline", {})
-    front = front_trials(study.get_trials(deepcopy=False))
-    if not front:
+    trials = study.get_trials(deepcopy=False)
+    full = front_trials(trials)
+    if not full:
         raise UserError(_nothing_to_export(study))
     floor = accuracy_floor(baseline, floor_points)
-    below = [t for t in front if floor is not None and t.values[0] < floor]
-    front = [t for t in front if t not in below]
+    # The front of the trials at or above the floor is the full front without the plans below
+    # it (a plan above the floor is dominated only by plans more accurate still).
+    front = full if floor is None else front_trials([t for t in trials if t.values and t.values[0] >= floor])
+    kept = {t.number for t in front}
+    below = [t for t in full if t.number not in kept]
     if not front:
         best = max(t.values[0] for t in below)
         raise UserError(f"every Pareto plan of study {study.study_name!r} is below the accuracy floor {floor:.4f} "
@@ -259,6 +270,9 @@ def export(study: optuna.Study, out: Path, *, data_dir: str, store_root: str, ma
             files[plan_file] = record
             if materialize:
                 files[out / f"trial-{trial.number}.pcz"] = blob
+            if onnx:  # the artifact's model and input spec (an artifact without one: the study's data)
+                deployed = decode(blob)
+                files[out / f"trial-{trial.number}.onnx"] = onnx_bytes(deployed, getattr(deployed, "input_spec", None) or data.spec)[0]
             if not prefix:
                 entry.update({**record.to_json_dict(), "plan_file": plan_file.name})
             else:
@@ -287,6 +301,7 @@ def export(study: optuna.Study, out: Path, *, data_dir: str, store_root: str, ma
     (out / "pareto.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     (out / "trials.csv").write_text(csv)
     (out / "pareto.png").write_bytes(png.getvalue())
+    save_study_note(study, print)  # the dashboard's study note and charts show this front too
     return summary
 
 
@@ -299,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="data")
     p.add_argument("--out", default="exports", help="output folder (default: exports)")
     p.add_argument("--materialize", action="store_true", help="also write each Pareto plan's artifact (.pcz)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write each Pareto plan's model as trial-<n>.onnx (uint8 images in, logits out)")
     p.add_argument("--accuracy-floor", type=float, default=ACCURACY_FLOOR_POINTS, metavar="POINTS",
                    help=f"leave out Pareto plans more than POINTS accuracy points below the baseline, as the hypervolume "
                         f"does (default: {ACCURACY_FLOOR_POINTS:g}; 100 keeps every plan)")
@@ -318,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         from search.wandb_log import import_wandb
 
         import_wandb()  # a missing wandb is one line now, not after the export
+    if args.onnx:
+        require_onnx()  # a missing onnx package is one line now, not after the export
     check_folder(args.out, "--out")  # now, not after the test accuracies are computed
     check_folder(args.data_dir, "--data-dir", write=False)
     if args.store is not None:
@@ -326,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     study = load_study(args.name or find_study_name(storage, args.study, args.preset), storage)
     summary = export(study, Path(args.out), data_dir=args.data_dir,
                      store_root=args.store or default_store(args.storage), materialize=args.materialize,
-                     floor_points=args.accuracy_floor)
+                     floor_points=args.accuracy_floor, onnx=args.onnx)
     print(f"{len(summary['plans'])} Pareto plans -> {args.out}/pareto.json, trials.csv, pareto.png")
     floor = summary["accuracy_floor"]
     if floor["left_out"]:

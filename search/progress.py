@@ -18,13 +18,16 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from objectives import record
 from objectives.objective import is_exportable, is_feasible
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 ACCURACY_FLOOR_POINTS = 10.0
 
@@ -185,7 +188,7 @@ class ProgressDisplay:
             self._read_at = now
         return self._stats
 
-    def render(self) -> object:
+    def render(self) -> Table:
         """The table: trial counts, then the front, the time elapsed and the time left. Two
         label rows over two value rows keep it within 80 columns (no header is cut)."""
         from rich import box

@@ -55,6 +55,7 @@ from models.errors import UserError, cli_main
 from objectives import record
 from objectives.objective import Objective, is_exportable, is_feasible, is_refinement
 from objectives.pipeline import Workbench
+from search.notes import save_trial_note
 from search.progress import ACCURACY_FLOOR_POINTS, hypervolume, pareto_indices
 from search.samplers import make_sampler
 from search.studies import find_study_name, stored_config
@@ -218,7 +219,7 @@ def _run_round(study: optuna.Study, objective: Objective, parents: Sequence[Froz
         if any(t.state == TrialState.WAITING for t in mine):
             with interruptible():
                 try:
-                    run_one(study, start(study), objective, objective.artifact_store)
+                    save_trial_note(study, run_one(study, start(study), objective, objective.artifact_store))
                 except Interrupted as exc:
                     raise UserError(f"{exc}: the running refinement was recorded FAIL and re-queued") from None
         elif any(t.state == TrialState.RUNNING for t in mine):

@@ -19,6 +19,7 @@ from models.train import resolve_device
 from objectives.objective import Objective
 from objectives.pipeline import Workbench
 from search.early_stopping import ParetoStopper
+from search.notes import save_study_note, save_trial_note
 from search.samplers import make_sampler
 from search.studies import StudyConfig, find_study_name, stored_config, study_space
 from search.trials import process_seed, retry, run_trials
@@ -95,9 +96,11 @@ def work(study: optuna.Study, objective: Objective, total: int, callbacks: Seque
     """Run trials until ``total`` hold a slot of the budget (:func:`search.trials.run_trials`:
     an exact total with any number of workers, stale trials redone, signals handled); a trial
     that raises is recorded FAIL (with its error) and the worker goes on, unless several fail in
-    a row."""
+    a row. Every finished trial gets its dashboard note, and the study's note and charts are
+    refreshed when the run ends (:mod:`search.notes`)."""
     run_trials(study, objective, total, study_lock(study._storage, study.study_name), sampler_seed=sampler_seed,
-               callbacks=callbacks, store=objective.artifact_store, log=log)
+               callbacks=[*callbacks, save_trial_note], store=objective.artifact_store, log=log)
+    save_study_note(study, log)
 
 
 def run_worker(args: argparse.Namespace, study_name: str | None = None, callbacks: Sequence[Callable[..., Any]] = ()) -> optuna.Study:

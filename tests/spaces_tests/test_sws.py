@@ -442,3 +442,37 @@ def test_config_validation_names_the_bad_value() -> None:
         SWSConfig(pi_zero=1.0)
     with pytest.raises(UserError, match="sws.tau"):
         SWSConfig(tau=-1.0)
+
+
+def test_a_broad_zero_component_starts_at_the_given_std_and_prunes_more() -> None:
+    values = np.random.default_rng(0).normal(0, 0.05, 5000)
+    narrow = Mixture.of(MixturePrior.fit(values, 8, pi_zero=0.999))
+    broad = Mixture.of(MixturePrior.fit(values, 8, pi_zero=0.999, zero_std=1.0))
+    assert np.sqrt(broad.var[0]) == pytest.approx(values.std(), rel=1e-5)
+    assert np.sqrt(narrow.var[0]) < 0.5 * values.std()
+    assert np.allclose(broad.mu, narrow.mu) and np.allclose(broad.var[1:], narrow.var[1:])
+
+    # The same prior-only training: the broad zero component pulls the small weights to zero
+    # (the paper's pruning effect); the central cluster's narrow one leaves most where they are.
+    def zeros(zero_std: float) -> float:
+        config = SWSConfig(components=8, pi_zero=0.999, tau=10.0, warmup=0.0, zero_std=zero_std)
+        model, applied = _applied(config)
+        (hook,) = applied.hooks
+        opt = torch.optim.Adam([{"params": list(model.parameters()), "lr": 1e-3}, *hook.param_groups(model)])
+        for step in range(40):
+            loss = hook.loss(model, step, 40)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        SoftWeightSharing().finalize(model, config, applied.states[0])
+        mask = model.get_submodule("fc1").mask
+        return float((~mask).float().mean())
+
+    assert zeros(1.0) > zeros(0.0) + 0.2
+
+
+def test_zero_std_is_checked_and_absent_from_old_plans_means_the_central_cluster() -> None:
+    with pytest.raises(UserError, match="sws.zero_std"):
+        SWSConfig(zero_std=0.01)
+    plan = Plan.from_dict({"steps": [{"technique": "sws", "config": {"version": 1, "components": 8}}]})
+    assert plan.steps[0].config.zero_std == 0.0

@@ -22,6 +22,7 @@ from spaces.represent import compressed_layers
 from storage.codec import (
     MAGIC,
     CorruptArtifactError,
+    InputSpec,
     _relative_symbols,
     decode,
     decode_positions,
@@ -249,3 +250,107 @@ def test_pruned_int4_round_trip_reproduces_logits_and_masks() -> None:
     with torch.no_grad():
         assert torch.equal(decoded(x), model(x))
     assert torch.equal(decoded.fc2.mask, model.fc2.mask)
+
+
+# -------------------------------------------------------------------------------- input spec
+
+DIGITS_INPUT = InputSpec(1, 8, 8, (0.3053,), (0.3759,), 10, tuple("0123456789"))
+
+
+def _header(data: bytes) -> dict:
+    return json.loads(
+        zstandard.ZstdDecompressor().decompress(data[8 : 8 + struct.unpack("<I", data[4:8])[0]])
+    )
+
+
+def _reheadered(data: bytes, header: dict) -> bytes:
+    """``data`` with another header, its blobs kept (a valid checksum: only the decoder's checks
+    stand between the header and the model)."""
+    payload = data[8 + struct.unpack("<I", data[4:8])[0] : -4]
+    z = zstandard.ZstdCompressor().compress(json.dumps(header).encode())
+    return _with_crc(MAGIC + struct.pack("<I", len(z)) + z + payload)
+
+
+def test_input_spec_round_trips_and_counts_in_the_size() -> None:
+    model = _model("digits_cnn")
+    plain, specced = encode(model), encode(model, spec=DIGITS_INPUT)
+    assert _header(plain)["format"] == 1 and "input" not in _header(plain)  # as before specs
+    assert _header(specced)["format"] == 2
+    assert 0 < len(specced) - len(plain) < 200  # a few dozen bytes of header
+    decoded = decode(specced)
+    assert decoded.input_spec == DIGITS_INPUT
+    assert encode(decoded) == specced  # a decoded model keeps its spec when encoded again
+    assert decode(plain).input_spec is None
+    spec = get_model_info("digits_cnn").data_spec  # a dataset's DataSpec: no class names
+    assert decode(encode(model, spec=spec)).input_spec == InputSpec(
+        1, 8, 8, spec.mean, spec.std, 10, None
+    )
+
+
+def test_predict_uint8_normalises_as_training_does() -> None:
+    model = decode(encode(_model("digits_cnn"), spec=DIGITS_INPUT))
+    images = torch.randint(
+        0, 256, (5, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    x = (images.float() / 255 - 0.3053) / 0.3759
+    with torch.no_grad():
+        assert torch.equal(model.predict_uint8(images), model(x).argmax(1))
+    assert torch.equal(model.predict_uint8(images[:, 0].numpy()), model.predict_uint8(images))
+    with pytest.raises(UserError, match="uint8"):
+        model.predict_uint8(images.float())
+    with pytest.raises(UserError, match=r"this model takes \(N, 1, 8, 8\)"):
+        model.predict_uint8(torch.zeros(2, 1, 9, 9, dtype=torch.uint8))
+    with pytest.raises(UserError, match="no input spec"):
+        decode(encode(_model("digits_cnn"))).predict_uint8(images)
+    with pytest.raises(UserError, match="3 channels"):
+        encode(_model("digits_cnn"), spec=InputSpec(3, 8, 8, (0.0,) * 3, (1.0,) * 3, 10))
+
+
+def _spec_corruptions(header: dict) -> dict[str, tuple[dict, str]]:
+    """Header edits -> the field the error must name."""
+
+    def edit(**fields: object) -> dict:
+        h = json.loads(json.dumps(header))
+        h["input"].update(fields)
+        return h
+
+    no_input = {k: v for k, v in header.items() if k != "input"}
+    return {
+        "input missing": (no_input, "field 'input' is missing"),
+        "input in format 1": ({**header, "format": 1}, 'unknown field "input"'),
+        "format true": ({**header, "format": True}, "format true is not supported"),
+        "input not an object": ({**header, "input": [1]}, "artifact input: expected a JSON object"),
+        "unknown key": (edit(extra=1), 'artifact input: unknown field "extra"'),
+        "shape of two": (edit(shape=[1, 8]), "artifact input.shape"),
+        "channels": (edit(shape=[3, 8, 8]), "artifact input.shape[0]: 3 channels"),
+        "height zero": (edit(shape=[1, 0, 8]), "artifact input.shape[1]"),
+        "width huge": (edit(shape=[1, 8, 10**12]), "artifact input.shape[2]"),
+        "height a float": (edit(shape=[1, 8.0, 8]), "artifact input.shape[1]"),
+        "mean too long": (edit(mean=[0.1, 0.2]), "artifact input.mean: expected a list of 1"),
+        "mean a string": (edit(mean=["0.3"]), "artifact input.mean[0]"),
+        "mean an int": (edit(mean=[0]), "artifact input.mean[0]"),
+        "mean huge": (edit(mean=[1e300]), "artifact input.mean[0]"),
+        "std zero": (edit(std=[0.0]), "artifact input.std[0]"),
+        "std negative": (edit(std=[-0.5]), "artifact input.std[0]"),
+        "classes": (edit(num_classes=11), "artifact input.num_classes: 11 classes"),
+        "classes a bool": (edit(num_classes=True), "artifact input.num_classes"),
+        "names short": (edit(class_names=["a"]), "artifact input.class_names"),
+        "names not strings": (edit(class_names=list(range(10))), "artifact input.class_names[0]"),
+        "name empty": (edit(class_names=["", *"123456789"]), "artifact input.class_names[0]"),
+        "name too long": (
+            edit(class_names=["x" * 1000, *"123456789"]),
+            "artifact input.class_names[0]",
+        ),
+    }
+
+
+def test_a_corrupt_input_spec_is_refused_naming_the_field() -> None:
+    data = encode(_model("digits_cnn"), spec=DIGITS_INPUT)
+    for what, (header, field) in _spec_corruptions(_header(data)).items():
+        with pytest.raises(CorruptArtifactError) as info:
+            decode(_reheadered(data, header))
+        assert field in str(info.value), (what, str(info.value))
+        assert "\n" not in str(info.value), what
+    assert (
+        decode(_reheadered(data, _header(data))).input_spec == DIGITS_INPUT
+    )  # the edits alone fail
