@@ -55,7 +55,8 @@ def test_study_records_plans_metrics_and_baseline(study_dir: Path) -> None:
 
 def test_export_then_apply_reproduces_the_recorded_ratio(study_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "exports"
-    export_cli.main(["--study", "all", "--storage", f"sqlite:///{study_dir}/search.db", "--out", str(out), "--materialize"])
+    export_cli.main(["--study", "all", "--storage", f"sqlite:///{study_dir}/search.db", "--out", str(out), "--materialize",
+                     "--onnx"])
     summary = json.loads((out / "pareto.json").read_text())
     assert summary["plans"], "the front is empty"
     assert (out / "pareto.png").stat().st_size > 10_000
@@ -78,6 +79,21 @@ def test_export_then_apply_reproduces_the_recorded_ratio(study_dir: Path, tmp_pa
     assert result["compression_ratio"] == best["values"]["compression_ratio"] == result["recorded_compression_ratio"]
     assert abs(result["val_accuracy"] - best["values"]["val_accuracy"]) <= 0.01
     assert (tmp_path / "model.pcz").read_bytes() == (out / f"trial-{best['trial']}.pcz").read_bytes()
+    # Export's ONNX model of the plan runs in onnxruntime on uint8 images as stored, and predicts
+    # what the decoded artifact predicts.
+    import numpy as np
+    import onnxruntime
+
+    from models.datasets import load_dataset
+    from storage.codec import load_artifact
+
+    data = load_dataset("digits", "data", val_fraction=0.15, seed=0)
+    images = data.x_test.numpy()
+    session = onnxruntime.InferenceSession(str(out / f"trial-{best['trial']}.onnx"))
+    logits = session.run(None, {session.get_inputs()[0].name: images})[0]
+    model = load_artifact(out / f"trial-{best['trial']}.pcz")
+    assert (logits.argmax(1) == model.predict_uint8(images).numpy()).mean() >= 0.999
+    assert np.mean(logits.argmax(1) == data.y_test.numpy()) == pytest.approx(best["test_accuracy"], abs=1e-9)
 
 
 def test_resuming_with_other_options_is_refused(study_dir: Path) -> None:
