@@ -271,7 +271,7 @@ class Objective:
         from optuna.artifacts import upload_artifact
 
         names = [OBJECTIVES[o][0] for o in self.objectives]
-        rec = record.TrialRecord.from_attrs(trial.user_attrs, trial=trial.number, values=dict(zip(names, values, strict=True)))
+        rec = record.TrialRecord.from_attrs(record.attrs_of(trial), trial=trial.number, values=dict(zip(names, values, strict=True)))
         with tempfile.TemporaryDirectory() as tmp:
             pcz, plan_file = Path(tmp) / f"trial-{trial.number}.pcz", Path(tmp) / f"trial-{trial.number}.plan.json"
             pcz.write_bytes(outcome.artifact)

@@ -70,6 +70,14 @@ FAIL_REASON = "fail_reason"
 RETRY_OF = "retry_of"
 RETRIES = "retries"
 
+# The plan, the manifest and the per-unit breakdown are long JSON objects: as user attributes
+# optuna-dashboard shows each
+# as one unbreakable line, which made the trial page four times wider than the window (the trial's
+# note shows the plan as tables instead). They are stored as system attributes "record:<key>";
+# readers take them from there or, for studies recorded before, from the user attributes.
+SYSTEM_KEYS = frozenset({"plan", "manifest", "breakdown"})
+SYSTEM_PREFIX = "record:"
+
 ATTR_KEYS = (
     PLAN, FAMILIES, PRESET, DATASET, SEED, BASELINE_SEED, BASELINE_KEY, BASELINE_BYTES,
     PREDICTED_BYTES, BYTES, BREAKDOWN, CURVE, EPOCHS, STOPPED_AT_EPOCH, STOPPED_VALUES,
@@ -195,7 +203,7 @@ class TrialRecord(BaseModel):
         lack (studies recorded before a field existed: the study's preset, for instance)."""
         names = list(metric_names or METRIC_NAMES)
         values = dict(zip(names, trial.values, strict=False)) if trial.values is not None else {}
-        attrs = {**{k: v for k, v in (defaults or {}).items() if v is not None}, **trial.user_attrs}
+        attrs = {**{k: v for k, v in (defaults or {}).items() if v is not None}, **attrs_of(trial)}
         return cls.from_attrs(attrs, where=f"trial {trial.number}", trial=trial.number,
                               state=trial.state.name, values=values)
 
@@ -222,16 +230,29 @@ def _adapter(key: str) -> TypeAdapter[Any]:
 
 
 def write(trial: optuna.Trial, **fields: Any) -> None:
-    """Set record fields on a running trial (one user attribute each), checked against the
-    schema: an unknown field or a value of the wrong type is a programming error (TypeError)."""
+    """Set record fields on a running trial (one attribute each: user attributes, but the plan
+    and the manifest as system attributes, see :data:`SYSTEM_KEYS`), checked against the schema:
+    an unknown field or a value of the wrong type is a programming error (TypeError)."""
     for key, value in fields.items():
         if key not in ATTR_KEYS:
             raise TypeError(f"{key!r} is not a trial attribute of the record; known: {', '.join(ATTR_KEYS)}")
         adapter = _adapter(key)
         try:
-            trial.set_user_attr(key, adapter.dump_python(adapter.validate_python(value), mode="json"))
+            stored = adapter.dump_python(adapter.validate_python(value), mode="json")
         except ValidationError as exc:
             raise TypeError(f"record field {describe_error(exc.errors()[0], key)}") from None
+        if key in SYSTEM_KEYS:
+            trial.storage.set_trial_system_attr(trial._trial_id, SYSTEM_PREFIX + key, stored)
+        else:
+            trial.set_user_attr(key, stored)
+
+
+def attrs_of(trial: optuna.Trial | optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """A trial's record attributes by key: its user attributes and the record's system ones
+    (:data:`SYSTEM_KEYS`), for a running ``Trial`` (read from its storage) or a ``FrozenTrial``."""
+    frozen = trial if isinstance(trial, optuna.trial.FrozenTrial) else trial.storage.get_trial(trial._trial_id)
+    system = {k[len(SYSTEM_PREFIX):]: v for k, v in frozen.system_attrs.items() if k.startswith(SYSTEM_PREFIX)}
+    return {**frozen.user_attrs, **system}
 
 
 # ---------------------------------------------------------------------------------- manifest

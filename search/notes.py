@@ -340,7 +340,7 @@ def _size(trial: FrozenTrial) -> int | None:
 
 
 def _breakdown(trial: FrozenTrial) -> dict[str, int]:
-    raw = trial.user_attrs.get(record.BREAKDOWN)
+    raw = record.attrs_of(trial).get(record.BREAKDOWN)
     if not isinstance(raw, dict):
         return {}
     return {str(k): v for k, v in raw.items() if isinstance(v, int)}

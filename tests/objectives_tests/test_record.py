@@ -67,7 +67,7 @@ def test_trial_to_record_to_plan_file_and_back(finished: tuple[optuna.Study, Obj
         path = write_plan_file(tmp_path / f"plan-{t.number}.json", rec.model_copy(update={"test_accuracy": 0.5}))
         plan, back = read_plan_file(path)
         assert back == rec.model_copy(update={"test_accuracy": 0.5})
-        assert plan == Plan.from_dict(t.user_attrs[record.PLAN]) == rec.to_plan()
+        assert plan == Plan.from_dict(record.attrs_of(t)[record.PLAN]) == rec.to_plan()
 
 
 def test_the_trials_plan_artifact_is_its_record(finished: tuple[optuna.Study, Objective, Path], tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import torch
 from objectives import sensitivity as sens
 from objectives.objective import Objective
 from objectives.pipeline import Workbench
+from objectives.record import TrialRecord
 from objectives.sensitivity import FieldCurve, SensitivityProfile, grid_of, load_or_measure_profile
 from spaces.intk import IntConfig
 from spaces.plan import Plan, StudySpace, skew_layers, suggest_plan, technique_fingerprint
@@ -256,7 +257,7 @@ def test_a_trial_on_a_deep_model_runs_its_skewed_plan(digits_baseline, tmp_path:
         trial.state == optuna.trial.TrialState.COMPLETE
         and "prune.conv2.sparsity" not in trial.params
     )
-    plan = Plan.from_dict(trial.user_attrs["plan"])
+    plan = Plan.from_dict(TrialRecord.from_trial(trial).plan or {})
     (step,) = plan.steps
     assert set(step.layers) == {"conv2", "conv3", "fc1"}
     values = [o["sparsity"] for o in step.layers.values()]

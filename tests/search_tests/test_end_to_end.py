@@ -71,7 +71,7 @@ def test_export_then_apply_reproduces_the_recorded_ratio(study_dir: Path, tmp_pa
     plan, rec = read_plan_file(out / best["plan_file"])
     trial = study.trials[best["trial"]]
     assert rec == TrialRecord.from_trial(trial, study.metric_names).model_copy(update={"test_accuracy": best["test_accuracy"]})
-    assert plan.to_dict() == trial.user_attrs["plan"]
+    assert plan.to_dict() == TrialRecord.from_trial(trial).plan
     capsys.readouterr()
     apply_cli.main([str(out / best["plan_file"]), "--out", str(tmp_path / "model.pcz"), "--store", str(study_dir)])
     result = json.loads(capsys.readouterr().out)

@@ -75,7 +75,7 @@ def test_per_layer_plans_are_recorded_exported_and_reapplied_byte_identically(
         # The plan file export writes (the record's JSON) reads back to the same plan.
         plan_file = write_plan_file(tmp_path / f"plan-trial-{trial.number}.json", record)
         plan, rec = read_plan_file(plan_file)
-        assert plan.to_dict() == trial.user_attrs["plan"]
+        assert plan.to_dict() == TrialRecord.from_trial(trial).plan
         assert rec == record
         with store.open_reader(record.artifact_id) as fh:
             recorded = fh.read()
