@@ -89,7 +89,10 @@ def baseline_key(preset: Preset, data: Splits, seed: int) -> str:
 
 
 @contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on the file ``path`` (created, with its folder, if absent) while inside:
+    the first process does the work (train a baseline, measure a profile, create tables), the
+    others wait and then read what it wrote."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -150,7 +153,7 @@ def load_or_train_baseline(
     folder = Path(store) / "baselines" / f"{preset.name}-{key}"
     weights, meta = folder / "model.safetensors", folder / "baseline.json"
     model = create_model(preset.model, num_classes=data.spec.num_classes, in_channels=data.spec.channels)
-    with _file_lock(folder.with_suffix(".lock")):
+    with file_lock(folder.with_suffix(".lock")):
         if weights.exists() and meta.exists() and not retrain:
             record = BaselineRecord.from_dict(json.loads(meta.read_text()))
             load_state(model, weights)

@@ -25,12 +25,10 @@ atomically under a file lock so that concurrent workers measure it once.
 from __future__ import annotations
 
 import copy
-import fcntl
 import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ import torch
 from optuna.distributions import BaseDistribution, json_to_distribution
 from torch import nn
 
+from models.baseline import file_lock
 from models.datasets import Splits
 from models.loader import DeviceLoader
 from models.train import evaluate
@@ -317,17 +316,6 @@ def measure_profile(
     )
 
 
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    # The pattern of models.baseline: an exclusive flock on a sibling file, so that the first
-    # worker measures while the others wait, then read what it wrote.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def load_or_measure_profile(
@@ -374,7 +362,7 @@ def load_or_measure_profile(
     if folder is None:
         return measure()
     path = folder / f"sensitivity-{ident}.json"
-    with _file_lock(path.with_suffix(".lock")):
+    with file_lock(path.with_suffix(".lock")):
         if path.exists():
             try:
                 cached = SensitivityProfile.from_dict(json.loads(path.read_text()))

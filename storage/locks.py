@@ -14,7 +14,6 @@ file lock beside the database file; for in-memory storages a process-local lock.
 
 from __future__ import annotations
 
-import fcntl
 import threading
 import zlib
 from collections.abc import Callable, Iterator
@@ -25,6 +24,8 @@ from typing import Any
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError
+
+from models.baseline import file_lock
 
 _LOCAL = threading.Lock()
 CONNECT_TIMEOUT_SECONDS = 10  # an unreachable or hung database answers in one line, not minutes
@@ -59,15 +60,6 @@ def engine_kwargs(url: str) -> dict[str, Any]:
     return {}
 
 
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @contextmanager
@@ -93,7 +85,7 @@ def engine_lock(engine: Engine, name: str, sqlite_file: Path | None = None) -> I
             finally:
                 conn.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": key_name})
     elif sqlite_file is not None:
-        with _file_lock(sqlite_file.with_name(sqlite_file.name + f".{lock_key(name)}.lock")):
+        with file_lock(sqlite_file.with_name(sqlite_file.name + f".{lock_key(name)}.lock")):
             yield
     else:
         with _LOCAL:
@@ -105,7 +97,7 @@ def url_lock(url: str, name: str, sqlite_file: Path | None = None) -> Iterator[N
     """:func:`engine_lock` on a short-lived engine of its own, for use before an ``RDBStorage``
     exists (schema creation)."""
     if sqlite_file is not None:  # no engine needed: the lock is a file
-        with _file_lock(sqlite_file.with_name(sqlite_file.name + f".{lock_key(name)}.lock")):
+        with file_lock(sqlite_file.with_name(sqlite_file.name + f".{lock_key(name)}.lock")):
             yield
         return
     engine = create_engine(url, **engine_kwargs(url))
