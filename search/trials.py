@@ -45,6 +45,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from models.errors import UserError
 from objectives import record
+from objectives.objective import is_refinement
 
 MAX_CONSECUTIVE_FAILURES = 5
 MAX_RETRIES = 2  # a plan whose attempts keep dying is given up (its slot is sampled anew)
@@ -177,8 +178,6 @@ def holds_slot(trial: FrozenTrial) -> bool:
     """Whether ``trial`` counts against the budget: a finished (complete or stopped) or running
     search trial. Failed trials do not count (their plan is retried or a new one sampled), nor
     do refinement trials."""
-    from objectives.objective import is_refinement
-
     states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     return trial.state in states and not is_refinement(trial)
 
@@ -223,8 +222,9 @@ def claim(study: optuna.Study, total: int, lock: LockFactory, *, wait: float = W
         with lock():
             trials = study.get_trials(deepcopy=False)
             held = sum(1 for t in trials if holds_slot(t))
-            # A queued refinement runs whatever the budget says (it holds no slot).
-            queued = any(t.state == TrialState.WAITING for t in trials)
+            # A queued refinement runs whatever the budget says (it holds no slot); a queued
+            # search trial (a retry) takes a slot like any other.
+            queued = any(t.state == TrialState.WAITING and is_refinement(t) for t in trials)
             if held < total or queued:
                 return start(study)
         running = sum(1 for t in trials if t.state == TrialState.RUNNING)
@@ -245,6 +245,10 @@ def retry(study: optuna.Study, failed: FrozenTrial) -> None:
     Also the storage's stale-trial callback (:func:`storage.studies.open_storage`)."""
     retries = int(failed.user_attrs.get(record.RETRIES, 0))
     if retries >= MAX_RETRIES or not failed.params:
+        return
+    # Once per failed trial: a worker interrupted just as another found its trial stale would
+    # otherwise queue the plan twice.
+    if any(t.user_attrs.get(record.RETRY_OF) == failed.number for t in study.get_trials(deepcopy=False)):
         return
     keep = (record.REFINE_OF, record.FIDELITY_EPOCHS, record.REFINE_ROUND)
     attrs = {k: failed.user_attrs[k] for k in keep if k in failed.user_attrs}
