@@ -93,7 +93,7 @@ def _worker_of(trial: optuna.trial.FrozenTrial, procs: list[subprocess.Popen[str
 def _kill_running(cluster: Cluster, rng: random.Random, signum: int, deadline: float) -> int | None:
     """Send ``signum`` to the worker of a running trial (chosen at random, at a random moment of
     it); return that trial's number (None if no trial ran before the deadline)."""
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and cluster.alive():
         running = [t for t in _trials(cluster) if t.state == TrialState.RUNNING]
         victims = [(t, p) for t in running if (p := _worker_of(t, cluster.procs)) is not None]
         if victims:
@@ -139,6 +139,31 @@ def _kill_during_upload(cluster: Cluster, deadline: float) -> int | None:
     return None
 
 
+def _kill_last(cluster: Cluster, deadline: float) -> int | None:
+    """SIGKILL the worker of the study's last trial while it runs; None if no worker is left."""
+    while time.monotonic() < deadline and cluster.alive():
+        trials = _trials(cluster)
+        finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        if len(finished) == TOTAL - 1 and any(t.state == TrialState.RUNNING for t in trials):
+            procs = cluster.alive()
+            for p in procs:
+                p.send_signal(signal.SIGSTOP)
+            try:
+                running = [t for t in _trials(cluster) if t.state == TrialState.RUNNING]
+                hit = next(((t, p) for t in running if (p := _worker_of(t, procs)) is not None), None)
+                if hit is not None:
+                    hit[1].kill()
+            finally:
+                for p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGCONT)
+            if hit is not None:
+                hit[1].wait(60)
+                return hit[0].number
+        time.sleep(0.05)
+    return None
+
+
 @pytest.mark.slow
 def test_workers_killed_at_random_moments_finish_exactly_the_total(pg_url: str, tmp_path: Path) -> None:
     rng = random.Random(0)
@@ -152,13 +177,9 @@ def test_workers_killed_at_random_moments_finish_exactly_the_total(pg_url: str, 
     cluster.start()
     kills["SIGKILL during an artifact upload"] = _kill_during_upload(cluster, deadline)
     cluster.start()
-    # The last trial: wait until every other slot is finished, then kill its worker.
-    while time.monotonic() < deadline:
-        finished = [t for t in _trials(cluster) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-        if len(finished) >= TOTAL - 1:
-            break
-        time.sleep(0.2)
-    kills["SIGKILL during the last trial"] = _kill_running(cluster, rng, signal.SIGKILL, deadline)
+    # The last trial: once every other slot is finished, freeze the workers (so that it cannot
+    # finish meanwhile), kill the one running it, let the others go on.
+    kills["SIGKILL during the last trial"] = _kill_last(cluster, deadline)
     while cluster.alive() and time.monotonic() < deadline:
         time.sleep(0.5)
     for p in cluster.alive():
