@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
@@ -110,6 +110,27 @@ def _kill_running(cluster: Cluster, rng: random.Random, signum: int, deadline: f
     return None
 
 
+def _freeze_and_kill(cluster: Cluster, wanted: Callable[[optuna.trial.FrozenTrial], bool]) -> int | None:
+    """Freeze every worker, SIGKILL the one running a trial ``wanted`` picks, let the others go
+    on; return that trial's number (None if none ran: nothing is killed)."""
+    procs = cluster.alive()
+    for p in procs:
+        p.send_signal(signal.SIGSTOP)
+    try:
+        running = [t for t in _trials(cluster) if t.state == TrialState.RUNNING and wanted(t)]
+        hit = next(((t, p) for t in running if (p := _worker_of(t, procs)) is not None), None)
+        if hit is not None:
+            hit[1].kill()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+    if hit is None:
+        return None
+    hit[1].wait(60)
+    return hit[0].number
+
+
 def _kill_during_upload(cluster: Cluster, deadline: float) -> int | None:
     """SIGKILL a worker while its trial's artifact is being stored: freeze every worker the
     moment a new artifact file appears, kill the one whose running trial lists an artifact."""
@@ -118,22 +139,9 @@ def _kill_during_upload(cluster: Cluster, deadline: float) -> int | None:
     while time.monotonic() < deadline:
         now = set(os.listdir(folder)) if folder.exists() else set()
         if now - seen:
-            procs = cluster.alive()
-            for p in procs:
-                p.send_signal(signal.SIGSTOP)
-            try:
-                uploading = [t for t in _trials(cluster) if t.state == TrialState.RUNNING and artifact_ids(t)]
-                hit = next(((t, p) for t in uploading if (p := _worker_of(t, procs)) is not None), None)
-                victim = hit[1] if hit is not None else None
-                if victim is not None:
-                    victim.kill()
-            finally:
-                for p in procs:
-                    if p.poll() is None:
-                        p.send_signal(signal.SIGCONT)
-            if hit is not None:
-                hit[1].wait(60)
-                return hit[0].number
+            number = _freeze_and_kill(cluster, lambda t: bool(artifact_ids(t)))
+            if number is not None:
+                return number
             seen = now
         time.sleep(0.001)
     return None
@@ -145,21 +153,9 @@ def _kill_last(cluster: Cluster, deadline: float) -> int | None:
         trials = _trials(cluster)
         finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
         if len(finished) == TOTAL - 1 and any(t.state == TrialState.RUNNING for t in trials):
-            procs = cluster.alive()
-            for p in procs:
-                p.send_signal(signal.SIGSTOP)
-            try:
-                running = [t for t in _trials(cluster) if t.state == TrialState.RUNNING]
-                hit = next(((t, p) for t in running if (p := _worker_of(t, procs)) is not None), None)
-                if hit is not None:
-                    hit[1].kill()
-            finally:
-                for p in procs:
-                    if p.poll() is None:
-                        p.send_signal(signal.SIGCONT)
-            if hit is not None:
-                hit[1].wait(60)
-                return hit[0].number
+            number = _freeze_and_kill(cluster, lambda t: True)
+            if number is not None:
+                return number
         time.sleep(0.05)
     return None
 
