@@ -2,7 +2,8 @@
 
 What a trial costs besides compressing and fine-tuning: **sampling** (``study.ask`` and
 ``spaces.plan.suggest_plan`` with the product's TPE sampler on the ``all`` space of the digits
-CNN, per-layer parameters included) and **storage** (claiming the slot under the study's lock,
+CNN, per-layer parameters included, TPE's history capped as the product caps it) and
+**storage** (claiming the slot under the study's lock,
 the first heartbeat, the record's attribute writes a real trial makes, ``tell``), through the
 product's own loop (``search.trials.run_trials``). Each worker runs a trial whose training is
 replaced by nothing, so the time between two of its trials is the overhead. ``--workers``
@@ -179,6 +180,15 @@ def digits_trial_seconds(n: int, tmp: Path) -> list[float]:
             if t.datetime_complete is not None and t.state == optuna.trial.TrialState.COMPLETE]
 
 
+def _history_cap() -> str:
+    try:
+        from search.samplers import tpe_history
+    except ImportError:  # code from before the cap
+        return "none (this code has no cap)"
+    cap = tpe_history()
+    return f"{cap} finished trials" if cap else "off (0)"
+
+
 def _ms(values: list[float]) -> str:
     return f"{1000 * statistics.mean(values):.0f} / {1000 * statistics.median(values):.0f}"
 
@@ -221,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "--preset digits --study all`, training included, 1 thread)",
         "- per trial: ask + `suggest_plan` (TPE, `all` space, per-layer parameters) = sampling; the rest = claim "
         "under the lock, heartbeat, the record's writes, tell. ms as mean / median",
+        f"- TPE's history cap (`$PARETO_TPE_HISTORY`, `search/samplers.py`): {_history_cap()}",
         "",
         "| storage | trials | wall ms | of which sampling | CPU ms | of which sampling | CPU ms, first 100 | "
         "CPU ms, last 100 | CPU mean / median trial | wall mean / median trial |",

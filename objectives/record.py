@@ -34,6 +34,7 @@ from models.datasets import Splits
 from models.errors import UserError
 from spaces.plan import Plan
 from spaces.validate import describe_error, validate_plan
+from storage.attrs import set_trial_attrs
 
 # ------------------------------------------------------------------ trial user-attribute keys
 
@@ -231,8 +232,11 @@ def _adapter(key: str) -> TypeAdapter[Any]:
 
 def write(trial: optuna.Trial, **fields: Any) -> None:
     """Set record fields on a running trial (one attribute each: user attributes, but the plan
-    and the manifest as system attributes, see :data:`SYSTEM_KEYS`), checked against the schema:
+    and the manifest as system attributes, see :data:`SYSTEM_KEYS`; all in one transaction on an
+    SQL storage, :func:`storage.attrs.set_trial_attrs`), checked against the schema:
     an unknown field or a value of the wrong type is a programming error (TypeError)."""
+    user: dict[str, Any] = {}
+    system: dict[str, Any] = {}
     for key, value in fields.items():
         if key not in ATTR_KEYS:
             raise TypeError(f"{key!r} is not a trial attribute of the record; known: {', '.join(ATTR_KEYS)}")
@@ -242,9 +246,14 @@ def write(trial: optuna.Trial, **fields: Any) -> None:
         except ValidationError as exc:
             raise TypeError(f"record field {describe_error(exc.errors()[0], key)}") from None
         if key in SYSTEM_KEYS:
-            trial.storage.set_trial_system_attr(trial._trial_id, SYSTEM_PREFIX + key, stored)
+            system[SYSTEM_PREFIX + key] = stored
         else:
-            trial.set_user_attr(key, stored)
+            user[key] = stored
+    # One transaction for all of them: a trial's first write is about ten attributes.
+    set_trial_attrs(trial.storage, trial._trial_id, user=user, system=system)
+    cached = getattr(trial, "_cached_frozen_trial", None)  # what Trial.user_attrs reads, as set_user_attr keeps it
+    if cached is not None:
+        cached.user_attrs.update(user)
 
 
 def attrs_of(trial: optuna.Trial | optuna.trial.FrozenTrial) -> dict[str, Any]:

@@ -107,3 +107,77 @@ def test_seeds_make_samplers_reproducible_and_distinct() -> None:
 def test_unknown_sampler_is_a_user_error() -> None:
     with pytest.raises(UserError, match="unknown sampler 'cmaes'; known: tpe, nsga2, random, gp, botorch"):
         make_sampler("cmaes")
+
+
+# ------------------------------------------------------------------------- TPE's history cap
+
+
+def _history(n: int, running: int = 0, seed: int = 0) -> list[optuna.trial.FrozenTrial]:
+    """``n`` finished trials (every seventh infeasible) and ``running`` RUNNING ones."""
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    rng = random.Random(seed)
+    for i in range(n):
+        attrs = {"constraints": [1.0 if i % 7 == 3 else -1.0]}
+        study.add_trial(optuna.trial.create_trial(values=[rng.random(), rng.random()], system_attrs=attrs))
+    for _ in range(running):
+        study.ask()
+    return study.get_trials(deepcopy=False)
+
+
+def test_capped_history_keeps_tpe_good_set_running_trials_and_the_most_recent() -> None:
+    from optuna.samplers._tpe.sampler import _split_trials, default_gamma_multiobjective
+
+    from search.samplers import HistoryCap, capped_history, good_size
+
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    full = _history(1000, running=3)
+    capped = capped_history(full, study.directions, 300)
+    finished = [t for t in capped if t.state != TrialState.RUNNING]
+    assert len(finished) == 300
+    assert [t.number for t in capped if t.state == TrialState.RUNNING] == [1000, 1001, 1002]
+    assert {t.number for t in full[900:1000]} <= {t.number for t in finished}  # the most recent
+    # TPE's "good" set is exactly the full history's: optuna's 10 % (100 of 1,000), which is
+    # also what the sampler's gamma asks of the capped view.
+    gamma = default_gamma_multiobjective(1000)
+    sampler = HistoryCap(300)
+    sampler._finished = 1000
+    assert gamma == good_size(1000, 300) == sampler._gamma(300) == 100
+    below_full = [t.number for t in _split_trials(study, full, gamma)[0]]
+    below_capped = [t.number for t in _split_trials(study, capped, gamma)[0]]
+    assert below_capped == below_full and len(below_full) == gamma
+    assert good_size(3000, 300) == 100 and good_size(200, 300) == default_gamma_multiobjective(200)
+    # At or below the cap, and with the cap off, the history is untouched.
+    assert capped_history(full[:300], study.directions, 300) == full[:300]
+    assert capped_history(full, study.directions, 0) == full
+
+
+def test_history_cap_feeds_tpe_at_most_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    from search.samplers import HistoryCap
+
+    monkeypatch.setenv("PARETO_TPE_HISTORY", "50")
+    sampler = make_sampler("tpe", seed=3)
+    assert isinstance(sampler, HistoryCap) and sampler.history == 50
+    seen: list[int] = []
+    inner = sampler.inner.sample_relative
+
+    def spy(study: optuna.Study, trial: optuna.trial.FrozenTrial, space: dict[str, object]) -> dict[str, object]:
+        seen.append(len(study._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))))
+        return inner(study, trial, space)
+
+    monkeypatch.setattr(sampler.inner, "sample_relative", spy)
+    study = _drive(sampler, 70)
+    assert len(study.trials) == 70
+    assert seen[-1] == 50 and max(seen) == 50 and seen[:10] == list(range(10))
+    assert len({tuple(sorted(t.params)) for t in study.trials[50:]}) > 1  # still explores the space
+
+
+@pytest.mark.parametrize("raw", ["abc", "-1", "10"])
+def test_bad_history_size_is_a_user_error(raw: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PARETO_TPE_HISTORY", raw)
+    with pytest.raises(UserError, match=rf"^\$PARETO_TPE_HISTORY='{raw}' is not a history size; set 0"):
+        make_sampler("tpe")
+
+
+def test_history_cap_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PARETO_TPE_HISTORY", "0")
+    assert isinstance(make_sampler("tpe"), optuna.samplers.TPESampler)
