@@ -160,8 +160,13 @@ class Objective:
         known = techniques()
         deep = space.per_layer_max > 0 and space.skew and not few
         self.skewed = [n for n in space.technique_names() if deep and n in known and known[n].stronger]
-        eligible = [p for p, _ in (policy or LayerPolicy()).eligible(bench.baseline)]
+        base = policy or LayerPolicy()
+        eligible = [p for p, _ in base.eligible(bench.baseline)]
         self.layers = eligible if few or self.skewed else []
+        # Few layers: a plan may also open the protected ends (spaces.plan.suggest_plan).
+        opened = dataclasses.replace(base, keep_first=False, keep_last=False)
+        unprotected = [p for p, _ in opened.eligible(bench.baseline)]
+        self.open_layers = unprotected if few and space.open_ends and unprotected != eligible else []
 
     def context(self) -> dict[str, Any]:
         """Record fields every trial of this worker shares (the manifest hashes the dataset:
@@ -192,7 +197,8 @@ class Objective:
         if refining:
             plan, seed = self.refinement(trial)
         else:
-            plan = suggest_plan(trial, self.space, self.policy, self.finetune_space, self.layers, self.sensitivity())
+            plan = suggest_plan(trial, self.space, self.policy, self.finetune_space, self.layers, self.sensitivity(),
+                               self.open_layers)
             seed = self.trial_seed(trial)
         # The plan first, before anything can fail: a failed trial still shows what it ran.
         record.write(trial, plan=plan.to_dict(), families=plan.families, seed=seed, **self.context())
@@ -231,7 +237,7 @@ class Objective:
 
         # The trial was enqueued with the parent's params: suggesting them again (fixed values)
         # gives it the parent's params and distributions, as the samplers and dashboard expect.
-        suggest_plan(trial, self.space, self.policy, self.finetune_space, self.layers, self.sensitivity())
+        suggest_plan(trial, self.space, self.policy, self.finetune_space, self.layers, self.sensitivity(), self.open_layers)
         number, epochs = int(trial.user_attrs[record.REFINE_OF]), int(trial.user_attrs[record.FIDELITY_EPOCHS])
         parent = next((t for t in trial.study.get_trials(deepcopy=False) if t.number == number), None)
         if parent is None or parent.state != optuna.trial.TrialState.COMPLETE or is_refinement(parent):

@@ -181,3 +181,34 @@ def test_a_space_recorded_before_skews_existed_keeps_uniform_plans_on_deep_model
     assert space.skew and StudySpace.from_record(space.record()).skew
     old = {k: v for k, v in space.record().items() if k != "skew"}
     assert StudySpace.from_record(old).skew is False
+
+
+def test_a_plan_may_open_the_protected_ends_and_then_sets_them_per_layer() -> None:
+    space = StudySpace("int-only", {"weights": ("int",)}, per_layer_max=8, open_ends=True)
+    fixed = {"plan.per_layer": True, "int.bits": 4, "int.symmetric": True, "int.learned_step": True,
+             "int.fc2.bits": 3, "int.fc3.bits": 2}
+    kwargs = {"layers": ["fc1", "fc2"], "open_layers": ["fc1", "fc2", "fc3"]}
+    opened = suggest_plan(optuna.trial.FixedTrial({**fixed, "plan.protect_ends": False}), space, LayerPolicy(), **kwargs)
+    assert opened.policy == UNPROTECTED and opened.steps[0].layers["fc3"] == {"bits": 2}
+    assert _apply(opened).fc3.weight_repr.bits == 2  # the classifier is compressed like the rest
+    kept = suggest_plan(optuna.trial.FixedTrial({**fixed, "plan.protect_ends": True}), space, LayerPolicy(), **kwargs)
+    assert kept.policy == LayerPolicy() and "fc3" not in kept.steps[0].layers
+    assert _apply(kept).fc3.weight_repr.bits == 8
+    # Sampled, the switch is a parameter; the plan file holds the policy it chose, and replays.
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1)).ask()
+    plan = suggest_plan(trial, space, LayerPolicy(), **kwargs)
+    assert "plan.protect_ends" in trial.params
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    assert suggest_plan(optuna.trial.FixedTrial(trial.params), space, LayerPolicy(), **kwargs) == plan
+
+
+def test_a_space_recorded_before_the_ends_switch_keeps_its_ends_protected() -> None:
+    from spaces.plan import get_study_space
+
+    space = get_study_space("all")
+    assert space.open_ends and StudySpace.from_record(space.record()).open_ends
+    old = StudySpace.from_record({k: v for k, v in space.record().items() if k != "open_ends"})
+    assert old.open_ends is False
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1)).ask()
+    plan = suggest_plan(trial, old, LayerPolicy(), layers=["fc1", "fc2"], open_layers=["fc1", "fc2", "fc3"])
+    assert "plan.protect_ends" not in trial.params and plan.policy == LayerPolicy()
