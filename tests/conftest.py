@@ -1,8 +1,11 @@
-"""Shared fixtures: the digits data and its trained baseline, made once per test session."""
+"""Shared fixtures: the digits data and its trained baseline, made once per test session; a
+fresh PostgreSQL database (this machine's, trust auth), dropped afterwards."""
 
 from __future__ import annotations
 
 import copy
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -38,3 +41,27 @@ def digits_baseline(tmp_path_factory: pytest.TempPathFactory) -> DigitsBaseline:
         preset, data, seed=0, store=tmp_path_factory.mktemp("store"), device=torch.device("cpu")
     )
     return DigitsBaseline(preset, data, model, record)
+
+
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database (no password; trust auth), dropped after the
+    test; the test is skipped where PostgreSQL at 127.0.0.1:5432 cannot be used."""
+    import sqlalchemy
+
+    name = f"pc_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = sqlalchemy.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    except Exception as exc:
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not usable: {exc}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()

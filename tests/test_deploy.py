@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,32 +27,15 @@ REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "deploy" / "slurm" / "search.sbatch"
 WORKERS = REPO / "deploy" / "kubernetes" / "workers.yaml"
 POSTGRES = REPO / "deploy" / "kubernetes" / "postgres.yaml"
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 PASSWORD = f"pw-{uuid.uuid4().hex[:12]}"  # trust auth accepts it; it must show nowhere
 STUDY = "all-digits"  # the default name of --study all --preset digits
 RUN_TIMEOUT = 300  # seconds: a hung worker fails the test instead of stalling it
 
 
 @pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database, dropped afterwards; its URL carries :data:`PASSWORD`."""
-    import sqlalchemy
-
-    try:
-        admin = sqlalchemy.create_engine(
-            PG_ADMIN, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3}
-        )
-        with admin.connect() as conn:
-            name = f"pc_deploy_{uuid.uuid4().hex[:10]}"
-            conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
-    except Exception as exc:
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not usable: {exc}")
-    try:
-        yield f"postgresql+psycopg://postgres:{PASSWORD}@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
+def pw_url(pg_url: str) -> str:
+    """A fresh PostgreSQL database whose URL carries :data:`PASSWORD` (trust auth ignores it)."""
+    return pg_url.replace("postgres@", f"postgres:{PASSWORD}@", 1)
 
 
 def _clean_env() -> dict[str, str]:
@@ -157,14 +139,14 @@ def test_sbatch_has_no_creation_step_and_no_url_argument() -> None:
 
 
 @pytest.mark.slow
-def test_sbatch_array_tasks_share_one_study(pg_url: str, tmp_path: Path) -> None:
+def test_sbatch_array_tasks_share_one_study(pw_url: str, tmp_path: Path) -> None:
     store, total = tmp_path / "store", 4
     venv = Path(sys.executable).parents[1]
     cmds = []
     for task in (0, 1):
         env = {
             **_clean_env(),
-            "PARETO_STORAGE": pg_url,
+            "PARETO_STORAGE": pw_url,
             "PARETO_STORE": str(store),
             "PARETO_VENV": str(venv),
             "PARETO_PRESET": "digits",
@@ -175,7 +157,7 @@ def test_sbatch_array_tasks_share_one_study(pg_url: str, tmp_path: Path) -> None
         cmds.append((["bash", str(SBATCH)], env))
     results = _run_all(cmds, tmp_path)
     _check_secret_hidden(results)
-    _check_study(pg_url, store, total)
+    _check_study(pw_url, store, total)
 
 
 # --- Kubernetes ---------------------------------------------------------------------------------
@@ -240,7 +222,7 @@ def test_worker_job_survives_disruptions_and_reads_the_secret() -> None:
 
 
 @pytest.mark.slow
-def test_worker_container_command_runs_a_study(pg_url: str, tmp_path: Path) -> None:
+def test_worker_container_command_runs_a_study(pw_url: str, tmp_path: Path) -> None:
     _, container = _worker_container()
     env = _clean_env()
     for entry in container["env"]:
@@ -250,7 +232,7 @@ def test_worker_container_command_runs_a_study(pg_url: str, tmp_path: Path) -> N
     # What the pod gets from Kubernetes and the volume, and a small study instead of the default.
     env.update(
         {
-            "PARETO_STORAGE": pg_url,
+            "PARETO_STORAGE": pw_url,
             "JOB_COMPLETION_INDEX": "0",
             "PARETO_STORE": str(store),
             "PARETO_PRESET": "digits",
@@ -261,4 +243,4 @@ def test_worker_container_command_runs_a_study(pg_url: str, tmp_path: Path) -> N
     )
     results = _run_all([(container["command"] + container["args"], env)], tmp_path)
     _check_secret_hidden(results)
-    _check_study(pg_url, store, total)
+    _check_study(pw_url, store, total)

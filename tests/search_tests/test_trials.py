@@ -11,8 +11,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -32,43 +30,15 @@ from search.trials import (
 )
 from storage.locks import study_lock
 
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _pg_available() -> bool:
-    try:
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(PG_ADMIN, connect_args={"connect_timeout": 3})
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT 1"))
-        engine.dispose()
-        return True
-    except Exception:
-        return False
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database of each kind."""
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database of each kind (PostgreSQL: the shared ``pg_url`` fixture)."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/study.db"
-        return
-    if not _pg_available():
-        pytest.skip("PostgreSQL at 127.0.0.1:5432 is not reachable")
-    import sqlalchemy
-
-    name = f"pc_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
+        return f"sqlite:///{tmp_path}/study.db"
+    return str(request.getfixturevalue("pg_url"))
 
 
 def _storage(url: str, grace: int | None = None) -> optuna.storages.RDBStorage:

@@ -14,13 +14,17 @@ USER = {"plan": {"steps": [{"technique": "prune"}]}, "seed": 3, "families": ["pr
 SYSTEM = {"record:manifest": {"torch": "2.13.0"}, "record:breakdown": {"fc1": 10}}
 
 
-def _storages(tmp_path: Path) -> list[optuna.storages.BaseStorage]:
-    return [optuna.storages.get_storage(f"sqlite:///{tmp_path / 'a.db'}"), optuna.storages.InMemoryStorage()]
+def _storage(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> optuna.storages.BaseStorage:
+    if kind == "memory":
+        return optuna.storages.InMemoryStorage()
+    url = f"sqlite:///{tmp_path / 'a.db'}" if kind == "sqlite" else str(request.getfixturevalue("pg_url"))
+    return optuna.storages.get_storage(url)
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "memory"])
-def test_attributes_written_together_equal_those_written_one_by_one(kind: str, tmp_path: Path) -> None:
-    storage = _storages(tmp_path)[0 if kind == "sqlite" else 1]
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "memory"])
+def test_attributes_written_together_equal_those_written_one_by_one(kind: str, request: pytest.FixtureRequest,
+                                                                    tmp_path: Path) -> None:
+    storage = _storage(kind, request, tmp_path)
     study = optuna.create_study(storage=storage, directions=["maximize", "maximize"])
     together, alone = study.ask(), study.ask()
     set_trial_attrs(study._storage, together._trial_id, user=USER, system=SYSTEM)
@@ -31,11 +35,16 @@ def test_attributes_written_together_equal_those_written_one_by_one(kind: str, t
     a, b = study._storage.get_trial(together._trial_id), study._storage.get_trial(alone._trial_id)
     assert a.user_attrs == b.user_attrs == USER
     assert {k: a.system_attrs[k] for k in SYSTEM} == {k: b.system_attrs[k] for k in SYSTEM} == SYSTEM
+    # Writing again replaces values (an upsert), as set_trial_user_attr does.
+    set_trial_attrs(study._storage, together._trial_id, user={"seed": 4, "new": [1]})
+    assert study._storage.get_trial(together._trial_id).user_attrs == {**USER, "seed": 4, "new": [1]}
 
 
-def test_an_sql_storage_writes_them_in_one_transaction_or_not_at_all(tmp_path: Path,
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_an_sql_storage_writes_them_in_one_transaction_or_not_at_all(kind: str, request: pytest.FixtureRequest,
+                                                                    tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    storage = _storages(tmp_path)[0]
+    storage = _storage(kind, request, tmp_path)
     study = optuna.create_study(storage=storage, directions=["maximize", "maximize"])
     trial = study.ask()
 
