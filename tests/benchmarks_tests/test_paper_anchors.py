@@ -184,6 +184,11 @@ def test_trial_cost_separates_the_fixed_part_from_the_epochs() -> None:
         pytest.approx(40.0 / 6),
     )  # no positive fit
     assert pa.trial_cost([]) is None and pa.refine_seconds(None, budget) == 0.0
+    # The refinement is estimated with the front's cost where it is the higher (it is what runs).
+    assert pa.refine_estimate_of({"trial_cost": (12.0, 2.0), "front_cost": (12.0, 10.0)}, budget) == pytest.approx(
+        pa.refine_seconds((12.0, 10.0), budget))
+    assert pa.refine_estimate_of({"trial_cost": (12.0, 2.0), "front_cost": None}, budget) == pytest.approx(
+        pa.refine_seconds((12.0, 2.0), budget))
 
 
 def test_goals() -> None:
