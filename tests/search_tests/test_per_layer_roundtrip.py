@@ -16,12 +16,13 @@ from search import run as run_cli
 from storage.codec import decode
 from storage.studies import open_artifact_store
 
-# Two per-layer plans on the digits CNN (eligible layers conv2, conv3, fc1; the first takes the
+# Three per-layer plans on the digits CNN (eligible layers conv2, conv3, fc1; the first takes the
 # step's value): gradual pruning followed by per-layer k-means codebooks fitted to the kept
-# weights, and one-shot pruning with per-layer integer bits.
+# weights, one-shot pruning with per-layer integer bits, and the same with the protected ends
+# (conv1, fc2) opened, so that they get per-layer values too.
 PLANS = [
     {
-        "plan.per_layer": True, "stage.structure": "none", "stage.sparsity": "prune",
+        "plan.protect_ends": True, "plan.per_layer": True, "stage.structure": "none", "stage.sparsity": "prune",
         "prune.sparsity": 0.5, "prune.scope": "layer", "prune.schedule": "gradual",
         "prune.conv3.sparsity": 0.7, "prune.fc1.sparsity": 0.9,
         "stage.weights": "codebook", "codebook.method": "kmeans", "codebook.clusters": 16,
@@ -29,18 +30,28 @@ PLANS = [
         "stage.activations": "none",
     },
     {
-        "plan.per_layer": True, "stage.structure": "none", "stage.sparsity": "prune",
+        "plan.protect_ends": True, "plan.per_layer": True, "stage.structure": "none", "stage.sparsity": "prune",
         "prune.sparsity": 0.3, "prune.scope": "layer", "prune.schedule": "oneshot",
         "prune.conv3.sparsity": 0.6, "prune.fc1.sparsity": 0.95,
         "stage.weights": "int", "int.bits": 8, "int.conv3.bits": 4, "int.fc1.bits": 2,
         "stage.activations": "none",
     },
+    {
+        "plan.protect_ends": False, "plan.per_layer": True, "stage.structure": "none", "stage.sparsity": "prune",
+        "prune.sparsity": 0.5, "prune.scope": "layer", "prune.schedule": "oneshot",
+        "prune.conv2.sparsity": 0.6, "prune.conv3.sparsity": 0.7, "prune.fc1.sparsity": 0.9, "prune.fc2.sparsity": 0.25,
+        "stage.weights": "int", "int.bits": 6, "int.conv2.bits": 5, "int.conv3.bits": 4, "int.fc1.bits": 3,
+        "int.fc2.bits": 4, "stage.activations": "none",
+    },
 ]
+OPEN_ENDS = [False, False, True]
 EXPECTED = [
     {"prune": {"conv3": {"sparsity": 0.7}, "fc1": {"sparsity": 0.9}},
      "codebook": {"conv3": {"clusters": 8}, "fc1": {"clusters": 4}}},
     {"prune": {"conv3": {"sparsity": 0.6}, "fc1": {"sparsity": 0.95}},
      "int": {"conv3": {"bits": 4}, "fc1": {"bits": 2}}},
+    {"prune": {"conv1": {"sparsity": 0.5}, "fc1": {"sparsity": 0.9}, "fc2": {"sparsity": 0.25}},
+     "int": {"conv1": {"bits": 6}, "fc2": {"bits": 4}}},
 ]
 
 
@@ -64,9 +75,11 @@ def test_per_layer_plans_are_recorded_exported_and_reapplied_byte_identically(
     store = open_artifact_store(str(study_dir / "artifacts"))
     trials = study.trials[1:]
     assert len(trials) == len(PLANS)
-    for trial, expected in zip(trials, EXPECTED, strict=True):
+    for trial, expected, opened in zip(trials, EXPECTED, OPEN_ENDS, strict=True):
         assert trial.state == optuna.trial.TrialState.COMPLETE, trial.state
         record = TrialRecord.from_trial(trial, study.metric_names)
+        policy = record.to_plan().policy
+        assert (policy.keep_first, policy.keep_last) == (not opened, not opened)
         # The record holds the resolved per-layer values the trial ran.
         steps = {s.technique: s.layers for s in record.to_plan().steps}
         for technique, layers in expected.items():
