@@ -20,7 +20,7 @@ the same run (``search.run --preset digits`` trials, training included).
 
 Usage::
 
-    python benchmarks/storage.py --trials 1000 --workers 8 --out benchmarks/storage.md
+    python benchmarks/storage.py --trials 1000 --workers 8 --uncapped postgresql --out benchmarks/storage.md
     python benchmarks/storage.py --trials 40 --workers 2 --digits-trials 4    # smoke run
 """
 
@@ -131,22 +131,27 @@ def _fresh_pg() -> tuple[str, Any]:
     return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", drop
 
 
-def run_storage(kind: str, trials: int, workers: int, tmp: Path) -> dict[str, Any]:
-    """One storage: a fresh study, ``workers`` processes, ``trials`` trials; per-trial rows."""
+def run_storage(kind: str, trials: int, workers: int, tmp: Path, history: str | None = None) -> dict[str, Any]:
+    """One storage: a fresh study, ``workers`` processes, ``trials`` trials; per-trial rows.
+    ``history`` sets the workers' ``$PARETO_TPE_HISTORY`` (None: as this process has it)."""
     import optuna
 
+    if history is not None:
+        os.environ["PARETO_TPE_HISTORY"] = history  # the spawned workers inherit it
+
     drop = None
+    tag = f"{kind}-{history or 'default'}"
     if kind == "postgresql":
         url, drop = _fresh_pg()
     elif kind == "sqlite":
-        url = f"sqlite:///{tmp / 'overhead.db'}"
+        url = f"sqlite:///{tmp / f'overhead-{tag}.db'}"
     else:
-        url = str(tmp / "overhead.journal")
+        url = str(tmp / f"overhead-{tag}.journal")
     try:
         storage = _storage(kind, url)
         optuna.create_study(study_name=STUDY, storage=storage, directions=["maximize", "maximize"])
         ctx = mp.get_context("spawn")
-        outs = [tmp / f"{kind}-{i}.json" for i in range(workers)]
+        outs = [tmp / f"{tag}-{i}.json" for i in range(workers)]
         start = time.perf_counter()
         procs = [ctx.Process(target=_worker, args=(kind, url, trials, str(o), 1000 + i)) for i, o in enumerate(outs)]
         for p in procs:
@@ -162,7 +167,8 @@ def run_storage(kind: str, trials: int, workers: int, tmp: Path) -> dict[str, An
     finally:
         if drop is not None:
             drop()
-    return {"storage": kind, "rows": rows, "elapsed": elapsed, "finished": finished}
+    label = kind if history is None else f"{kind}, TPE history cap {history if history != '0' else 'off'}"
+    return {"storage": label, "rows": rows, "elapsed": elapsed, "finished": finished}
 
 
 def digits_trial_seconds(n: int, tmp: Path) -> list[float]:
@@ -211,15 +217,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=1000)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--storages", default="postgresql,sqlite,journal")
+    p.add_argument("--uncapped", default="", help="storages to run again with TPE's history cap off "
+                   "($PARETO_TPE_HISTORY=0), for comparison, e.g. postgresql")
     p.add_argument("--digits-trials", type=int, default=20, help="real digits trials for the median trial time")
     p.add_argument("--out", default=None, help="write the Markdown here (and the JSON beside it)")
     args = p.parse_args(argv)
+    cap = _history_cap()  # before a run with the cap off changes this process's environment
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         load0 = os.getloadavg()[0]
         digits = digits_trial_seconds(args.digits_trials, tmp)
         median_trial = statistics.median(digits)
         results = [run_storage(kind, args.trials, args.workers, tmp) for kind in args.storages.split(",")]
+        # The same storages with the cap off, in the same run: TPE's cost without it.
+        results += [run_storage(kind, args.trials, args.workers, tmp, "0") for kind in args.uncapped.split(",") if kind]
         load1 = os.getloadavg()[0]
     lines = [
         "# Per-trial overhead: sampling + storage (`benchmarks/storage.py`)",
@@ -231,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "--preset digits --study all`, training included, 1 thread)",
         "- per trial: ask + `suggest_plan` (TPE, `all` space, per-layer parameters) = sampling; the rest = claim "
         "under the lock, heartbeat, the record's writes, tell. ms as mean / median",
-        f"- TPE's history cap (`$PARETO_TPE_HISTORY`, `search/samplers.py`): {_history_cap()}",
+        f"- TPE's history cap (`$PARETO_TPE_HISTORY`, `search/samplers.py`): {cap} (rows marked 'cap off': 0)",
         "",
         "| storage | trials | wall ms | of which sampling | CPU ms | of which sampling | CPU ms, first 100 | "
         "CPU ms, last 100 | CPU mean / median trial | wall mean / median trial |",
