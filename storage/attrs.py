@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from optuna.storages import RDBStorage
+from optuna.trial import TrialState
 
 
 def _rdb(storage: optuna.storages.BaseStorage) -> RDBStorage | None:
@@ -52,7 +53,7 @@ def set_trial_attrs(storage: optuna.storages.BaseStorage, trial_id: int, *,
                     rdb._set_trial_attr_without_commit(session, model_cls, trial_id, key, value)
             return
         trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-        rdb.check_trial_is_updatable(trial_id, trial.state)
+        rdb.check_trial_is_updatable(trial_id, cast(TrialState, trial.state))
         for model_cls, attrs in tables:
             if not attrs:
                 continue
@@ -65,11 +66,11 @@ def set_trial_attrs(storage: optuna.storages.BaseStorage, trial_id: int, *,
 def _upsert_dialect(rdb: RDBStorage) -> Any:
     """The ``insert`` of the storage's SQL dialect where it has ``ON CONFLICT DO UPDATE``."""
     if rdb.engine.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-        return insert
+        return pg_insert
     if rdb.engine.name == "sqlite" and sqlite3.sqlite_version_info >= (3, 24, 0):
-        from sqlalchemy.dialects.sqlite import insert
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-        return insert
+        return sqlite_insert
     return None
