@@ -952,7 +952,7 @@ def _header_lines(report: dict[str, Any]) -> list[str]:
         "baseline's on the same split; cells show ratio (test error change in points); 2,000 "
         "test images move it in steps of 0.05",
         "- papers: 60,000 training images and their own size accounting (Deep Compression with "
-        "Huffman coding); here: mnist-t10k (7,200 train / 800 val / 2,000 test per split seed) "
+        "Huffman coding); here: mnist-t10k (6,000 train / 2,000 val / 2,000 test per split seed) "
         "and this codec's bytes",
         f"- soft weight-sharing recipe: the paper's tau {report['sws_tau_paper']:g} per training "
         "example, converted per weight (tau' in each recipe's plan file)",

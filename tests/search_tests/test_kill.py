@@ -206,7 +206,10 @@ def test_ctrl_c_to_a_jobs_parent_stops_every_worker_and_requeues_their_trials(tm
     while time.monotonic() < deadline:
         try:
             study = optuna.load_study(study_name=name, storage=url)
-            if sum(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)) == 2:
+            # Both workers inside a trial whose plan is sampled: a trial interrupted before its
+            # first parameter has no plan to re-queue (its slot is simply sampled anew).
+            running = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+            if len(running) == 2 and all(record.PLAN in record.attrs_of(t) for t in running):
                 break
         except Exception:
             pass
