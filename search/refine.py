@@ -221,7 +221,7 @@ def _run_round(study: optuna.Study, objective: Objective, parents: Sequence[Froz
                 try:
                     save_trial_note(study, run_one(study, start(study), objective, objective.artifact_store))
                 except Interrupted as exc:
-                    raise UserError(f"{exc}: the running refinement was recorded FAIL and re-queued") from None
+                    raise UserError(exc.message("refinement")) from None
         elif any(t.state == TrialState.RUNNING for t in mine):
             # Another worker runs it; a worker that died is failed (and re-queued once) here.
             fail_stale(study)

@@ -158,7 +158,7 @@ def _supervise(procs: list[subprocess.Popen[bytes]], tick: Callable[[], None]) -
             signal.signal(s, h)
     if received:
         raise UserError(f"interrupted by {signal.Signals(received[0]).name}: every worker recorded its running "
-                        "trial FAIL and re-queued it")
+                        "trial FAIL and re-queued its plan where it had one")
     if any(p.returncode for p in procs):
         raise UserError(f"{sum(1 for p in procs if p.returncode)} of {len(procs)} workers failed (see their messages above)")
 

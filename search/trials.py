@@ -62,6 +62,14 @@ class Interrupted(BaseException):
     def __init__(self, signame: str) -> None:
         super().__init__(f"interrupted by {signame}")
         self.signame = signame
+        self.requeued = False  # set by run_one: whether the trial's plan went back to the queue
+
+    def message(self, what: str = "trial") -> str:
+        """The one line a worker ends with, saying whether the running ``what`` was re-queued."""
+        if self.requeued:
+            return f"{self}: the running {what} was recorded FAIL and re-queued"
+        return (f"{self}: the running {what} was recorded FAIL; not re-queued (no plan sampled yet, "
+                "or its retries are spent): its slot is sampled anew")
 
 
 class _Guard:
@@ -239,21 +247,24 @@ def claim(study: optuna.Study, total: int, lock: LockFactory, *, wait: float = W
 # ------------------------------------------------------------------------------ failures
 
 
-def retry(study: optuna.Study, failed: FrozenTrial) -> None:
+def retry(study: optuna.Study, failed: FrozenTrial) -> bool:
     """Re-queue ``failed``'s plan as a fresh trial: its parameters, a refinement's marks and the
-    retry chain, nothing else (no artifacts, no values). Gives up after :data:`MAX_RETRIES`.
-    Also the storage's stale-trial callback (:func:`storage.studies.open_storage`)."""
+    retry chain, nothing else (no artifacts, no values); return whether its plan is queued. Gives
+    up after :data:`MAX_RETRIES`, and on a trial stopped before its first parameter (nothing to
+    re-queue: its slot, free again, is sampled anew). Also the storage's stale-trial callback
+    (:func:`storage.studies.open_storage`)."""
     retries = int(failed.user_attrs.get(record.RETRIES, 0))
     if retries >= MAX_RETRIES or not failed.params:
-        return
+        return False
     # Once per failed trial: a worker interrupted just as another found its trial stale would
     # otherwise queue the plan twice.
     if any(t.user_attrs.get(record.RETRY_OF) == failed.number for t in study.get_trials(deepcopy=False)):
-        return
+        return True
     keep = (record.REFINE_OF, record.FIDELITY_EPOCHS, record.REFINE_ROUND)
     attrs = {k: failed.user_attrs[k] for k in keep if k in failed.user_attrs}
     attrs.update({record.RETRY_OF: failed.number, record.RETRIES: retries + 1})
     study.enqueue_trial(dict(failed.params), user_attrs=attrs)
+    return True
 
 
 def artifact_ids(trial: FrozenTrial) -> list[str]:
@@ -302,7 +313,7 @@ def run_one(study: optuna.Study, trial: optuna.Trial, objective: Callable[[optun
                     with contextlib.suppress(Exception):
                         if store is not None:
                             store.remove(artifact_id)
-                retry(study, frozen)
+                exc.requeued = retry(study, frozen)
         raise
     except Exception as exc:  # a failing plan is recorded and the worker goes on
         import traceback
@@ -338,7 +349,7 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], Any], to
                     reason = str(frozen.user_attrs.get(record.FAIL_REASON) or "see the log")
                     raise UserError(f"{failures} trials failed in a row; last: {reason.splitlines()[-1][:300]}")
         except Interrupted as exc:
-            raise UserError(f"{exc}: the running trial was recorded FAIL and re-queued") from None
+            raise UserError(exc.message()) from None
         finally:
             with contextlib.suppress(Exception):
                 sweep_artifacts(study, store)

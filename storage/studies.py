@@ -95,7 +95,7 @@ def sqlite_path(url: str) -> Path | None:
 
 
 def open_storage(url: str = DEFAULT_STORAGE, *, heartbeat: bool = True, create: bool = True,
-                 on_stale: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None) -> RDBStorage:
+                 on_stale: Callable[[optuna.Study, optuna.trial.FrozenTrial], object] | None = None) -> RDBStorage:
     """An RDB storage for ``url``; creates the SQLite folder; one clear error for a bad URL.
 
     With ``heartbeat``, a trial whose worker stops beating for ``GRACE_SECONDS`` is marked FAIL

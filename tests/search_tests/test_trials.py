@@ -181,6 +181,26 @@ SLOW_WORKER = textwrap.dedent("""
 """)
 
 
+def test_a_trial_interrupted_before_its_first_parameter_is_failed_and_not_requeued(tmp_path: Path) -> None:
+    # A worker's first trial loads its data before sampling: a signal then leaves no plan to
+    # re-queue (CI once caught this race), and the one line says so instead of claiming a retry.
+    url = f"sqlite:///{tmp_path}/s.db"
+    optuna.create_study(study_name="s", storage=_storage(url), direction="maximize")
+    script = SLOW_WORKER.replace('trial.suggest_float("x", 0.0, 1.0)\n    print("started", flush=True)\n    time.sleep(60)',
+                                 'print("started", flush=True)\n    time.sleep(60)\n    trial.suggest_float("x", 0.0, 1.0)')
+    assert script != SLOW_WORKER
+    proc = subprocess.Popen([sys.executable, "-c", script, url], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2, err
+    assert err.strip().splitlines() == ["error: interrupted by SIGTERM: the running trial was recorded FAIL; not re-queued "
+                                        "(no plan sampled yet, or its retries are spent): its slot is sampled anew"]
+    (only,) = optuna.load_study(study_name="s", storage=_storage(url)).trials
+    assert only.state == TrialState.FAIL and not only.params
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_fails_the_running_trial_requeues_it_and_exits_with_one_line(
     tmp_path: Path, signum: signal.Signals
