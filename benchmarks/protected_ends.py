@@ -31,6 +31,7 @@ for path in (REPO, REPO / "benchmarks"):
 
 import paper_anchors as pa  # noqa: E402  (the recipes, as the paper-anchors benchmark runs them)
 
+from models.datasets import val_size  # noqa: E402
 from models.errors import UserError  # noqa: E402
 from models.presets import get_preset  # noqa: E402
 from objectives.record import TrialRecord, write_plan_file  # noqa: E402
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load = os.getloadavg()[0]
-    n_train = 8000 - round(8000 * get_preset(preset).val_fraction)  # train images of the 8,000 (tau is per image)
+    n_train = 8000 - val_size(8000, get_preset(preset).val_fraction)  # train images of the 8,000 (tau is per image)
     plans = pa.recipe_plans(args.model, args.epochs, n_train)
     rows, results = [], {}
     for key in args.recipes.split(","):
