@@ -95,6 +95,21 @@ def test_highest_ratio_within_each_criterion() -> None:
     assert pa.best_within(pa.front_candidates(PARETO)[3:4], 0.9850, 1.0) is None  # trial 4 is +2.0
 
 
+def test_choosing_on_validation_ignores_the_test_split_and_reports_it_beside() -> None:
+    # Baseline val 0.99: trial 2 is +0.5 val points (test +0.40), the refined trial 9 +1.0 val
+    # points (test +0.45), trial 4 +2.0. On validation +0.5 picks 2 (55x), not 9 (80x), which the
+    # test-split criterion picks.
+    chosen = pa.val_anchors(PARETO)
+    assert chosen["0.5"]["trial"] == 2 and chosen["0.5"]["ratio"] == 55.0
+    assert chosen["0.5"]["delta_points"] == pytest.approx(0.40)
+    assert chosen["0.5"]["val_delta_points"] == pytest.approx(0.5)
+    assert chosen["1"]["trial"] == 9 and chosen["1"]["refined"]
+    assert chosen["0.1"]["trial"] == 1  # 0.990: the baseline's validation accuracy
+    assert pa.val_anchors(PARETO, (-0.2,))["-0.2"] is None  # none beats the baseline by 0.2 on val
+    lines = pa.validation_rows([{"name": "s", "val_anchors": chosen}])
+    assert "| s | <= +0.5 pt | 55.0x (+0.40; +0.50) | trial 2, prune+kmeans |" in lines
+
+
 def test_the_boundary_is_inclusive_despite_float_rounding() -> None:
     # 0.9850 - 0.9800 is 0.005000000000000004 in binary floats: +0.5 points must still qualify.
     cands = [pa.Candidate(7, 40.0, 0.9800, "sws", "p.json", False)]
