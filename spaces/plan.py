@@ -275,6 +275,12 @@ class StudySpace:
     first and last layers stay protected (``plan.protect_ends``): on LeNet-5 the two hold 1.3 %
     of the weights but, kept at 8 bits, most of the bytes at 200x (studies recorded before the
     switch existed keep their ends protected).
+
+    ``ranges`` (technique -> parameter -> Optuna distribution JSON) are the distributions a
+    study recorded: a numeric parameter is sampled from its recorded range, scale and step, so
+    that a code whose technique widened or narrowed a range keeps sampling a resumed study as
+    it began (and a refinement or retry of an old trial finds its value in range). Empty: the
+    code's own (a new study, or one recorded before ranges were kept).
     """
 
     name: str
@@ -283,6 +289,7 @@ class StudySpace:
     per_layer_max: int = 0
     skew: bool = True
     open_ends: bool = False
+    ranges: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def options(self, stage: str) -> tuple[str, ...]:
         """Allowed choices of ``stage`` (``("none",)`` when the study leaves it out)."""
@@ -311,7 +318,8 @@ class StudySpace:
         # Studies recorded before per-layer sampling existed keep sampling without it.
         return cls(str(record["name"]), {s: tuple(o) for s, o in record["stages"].items()},
                    per_layer_max=int(record.get("per_layer_max", 0)), skew=bool(record.get("skew", False)),
-                   open_ends=bool(record.get("open_ends", False)))
+                   open_ends=bool(record.get("open_ends", False)),
+                   ranges={n: dict(t.get("params", {})) for n, t in record.get("techniques", {}).items()})
 
 
 def _stage_choices(stage: str, names: Iterable[str], optional: bool) -> tuple[str, ...]:
@@ -393,6 +401,44 @@ class _Explorer:
 MAX_BRANCHES = 256  # walks of one technique's suggest (each categorical value once, at least)
 
 
+class _Recorded:
+    """Stands in for an ``optuna.Trial`` in a technique's ``suggest``: a numeric parameter the
+    study recorded (:attr:`StudySpace.ranges`) is sampled from its recorded distribution
+    instead of the one the code asks for; everything else goes to the trial."""
+
+    def __init__(self, trial: optuna.Trial, recorded: Mapping[str, Any]) -> None:
+        self._trial, self._recorded = trial, recorded
+
+    def _dist(self, name: str, kind: type[FloatDistribution] | type[IntDistribution]) -> Any:
+        spec = self._recorded.get(name)
+        dist = json_to_distribution(json.dumps(spec)) if spec is not None else None
+        return dist if isinstance(dist, kind) else None
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
+                      log: bool = False) -> float:
+        d = self._dist(name, FloatDistribution)
+        if d is not None:
+            low, high, step, log = d.low, d.high, d.step, d.log
+        return self._trial.suggest_float(name, low, high, step=step, log=log)
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
+        d = self._dist(name, IntDistribution)
+        if d is not None:
+            low, high, step, log = d.low, d.high, d.step, d.log
+        return self._trial.suggest_int(name, low, high, step=step, log=log)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._trial, name)
+
+
+def _same_kind(old: Any, new: Any) -> bool:
+    """Two distributions' JSON of the same numeric kind (a change of range, scale or step, which
+    a study resumes across: it samples its recorded one, see :class:`_Recorded`)."""
+    if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+        return False
+    return old.get("name") == new.get("name") and old.get("name") in ("FloatDistribution", "IntDistribution")
+
+
 def technique_fingerprint(technique: AnyTechnique) -> dict[str, Any]:
     """A technique's config version and the Optuna distribution of every parameter its
     ``suggest`` can ask for (all categorical branches walked), as JSON."""
@@ -419,8 +465,10 @@ def technique_fingerprint(technique: AnyTechnique) -> dict[str, Any]:
 
 def space_changes(record: Mapping[str, Any]) -> list[str]:
     """How the techniques of a recorded space differ from this code's (empty: none). A
-    technique that is gone or whose config version or parameters changed is a change; a new
-    technique is not (it is simply not in the recorded space)."""
+    technique that is gone, whose config version changed, or which added or removed a parameter
+    or changed its kind or categorical choices is a change; a new technique is not (it is simply
+    not in the recorded space), nor a numeric parameter's new range, scale or step (the study
+    samples its recorded one, :attr:`StudySpace.ranges`)."""
     changes = []
     known = techniques()
     for name, recorded in record.get("techniques", {}).items():
@@ -432,7 +480,7 @@ def space_changes(record: Mapping[str, Any]) -> list[str]:
             changes.append(f"{name} config version {recorded.get('version')} -> {now['version']}")
         old, new = recorded.get("params", {}), now["params"]
         for p in sorted(set(old) | set(new)):
-            if old.get(p) != new.get(p):
+            if old.get(p) != new.get(p) and not _same_kind(old.get(p), new.get(p)):
                 what = "added" if p not in old else "removed" if p not in new else "changed"
                 changes.append(f"parameter {p} {what}")
     return changes
@@ -458,15 +506,15 @@ def _suggest_like(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any
 
 
 def suggest_layers(trial: optuna.Trial, technique: AnyTechnique, config: TechniqueConfig,
-                   layers: Sequence[str]) -> dict[str, dict[str, Any]]:
+                   layers: Sequence[str], recorded: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Per-layer overrides of ``config``: each per-layer field of each of ``layers`` sampled
-    from the distribution the technique's own ``suggest`` uses for it, as
-    ``<technique>.<layer path>.<field>``. The first layer takes the step's (global) value, so
-    no parameter is sampled twice."""
+    from the distribution the technique's own ``suggest`` uses for it (the study's ``recorded``
+    one where it has it), as ``<technique>.<layer path>.<field>``. The first layer takes the
+    step's (global) value, so no parameter is sampled twice."""
     fields_ = technique.per_layer(config)
     if not layers or not fields_:
         return {}
-    params = technique_fingerprint(technique)["params"]
+    params = {**technique_fingerprint(technique)["params"], **(recorded or {})}
     out: dict[str, dict[str, Any]] = {layers[0]: {f: getattr(config, f) for f in fields_}}
     for path in layers[1:]:
         out[path] = {}
@@ -618,12 +666,13 @@ def suggest_plan(
             continue
         for name in choice.split("+"):
             technique = get_technique(name)
-            config = technique.suggest(trial, name)
+            recorded = space.ranges.get(name, {})
+            config = technique.suggest(_Recorded(trial, recorded) if recorded else trial, name)  # type: ignore[arg-type]
             # A structure step rewrites layers (factors, fewer channels): overrides of later
             # steps would name layers that are no longer what was sampled.
             per_layer = layers if not any(s.stage == "structure" for s in steps) else ()
             if sensitivity is None:
-                overrides = suggest_layers(trial, technique, config, per_layer)
+                overrides = suggest_layers(trial, technique, config, per_layer, recorded)
             else:
                 overrides = suggest_skew(trial, technique, config, per_layer, sensitivity)
             steps.append(Step(name, config, overrides))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import optuna
 import pytest
 
 from models.errors import UserError
 from search.studies import CONFIG_ATTR, SPACE_ATTR, StudyConfig, new_techniques, study_space
-from spaces.plan import get_study_space
+from spaces.plan import get_study_space, suggest_plan
 
 
 def _study(config: StudyConfig, record: dict | None) -> optuna.Study:
@@ -29,11 +31,28 @@ def test_the_recorded_space_is_what_workers_sample() -> None:
 def test_a_changed_technique_is_refused_in_one_line() -> None:
     record = get_study_space("all").record()
     params = record["techniques"]["int"]["params"]
-    params["int.bits"] = {**params["int.bits"], "attributes": {**params["int.bits"]["attributes"], "high": 16}}
+    # A parameter of another kind (an integer become a float) cannot resume: its trials' values
+    # and the code's disagree.
+    params["int.bits"] = {"name": "FloatDistribution", "attributes": {"low": 2.0, "high": 8.0, "step": None, "log": False}}
     with pytest.raises(UserError) as info:
         study_space(_study(StudyConfig(preset="digits"), record))
     message = str(info.value)
     assert "parameter int.bits changed" in message and "--name" in message and "\n" not in message
+
+
+def test_a_numeric_range_the_code_changed_resumes_on_the_recorded_range() -> None:
+    record = get_study_space("all").record()
+    params = record["techniques"]["int"]["params"]
+    assert params["int.bits"]["name"] == "IntDistribution"
+    params["int.bits"] = {**params["int.bits"], "attributes": {**params["int.bits"]["attributes"], "low": 3, "high": 3}}
+    space = study_space(_study(StudyConfig(preset="digits"), record))  # not refused
+    fixed = dataclasses.replace(space, stages={"weights": ("int",)})
+    study = optuna.create_study()
+    for _ in range(3):
+        trial = study.ask()
+        plan = suggest_plan(trial, fixed)
+        assert trial.distributions["int.bits"].low == trial.distributions["int.bits"].high == 3
+        assert plan.steps[0].config.bits == 3
 
 
 def test_a_study_made_before_spaces_were_recorded_gets_its_trials_choices() -> None:

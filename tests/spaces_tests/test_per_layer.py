@@ -85,6 +85,21 @@ def test_sampling_gives_each_layer_its_own_parameter_and_replays() -> None:
     assert suggest_plan(optuna.trial.FixedTrial(trial.params), space, UNPROTECTED, layers=["fc1", "fc2", "fc3"]) == plan
 
 
+def test_per_layer_parameters_take_the_recorded_range_too() -> None:
+    # A study recorded int.bits in [5, 6]; this code's range is wider. Its per-layer parameters
+    # (int.<layer>.bits) stay in the recorded range, like the step's own.
+    recorded = {"int.bits": {"name": "IntDistribution", "attributes": {"low": 5, "high": 6, "step": 1, "log": False}}}
+    space = StudySpace("int-only", {"weights": ("int",)}, per_layer_max=8, ranges={"int": recorded})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(4):
+        study.enqueue_trial({"plan.per_layer": True})
+        trial = study.ask()
+        plan = suggest_plan(trial, space, UNPROTECTED, layers=["fc1", "fc2", "fc3"])
+        for name in ("int.bits", "int.fc2.bits", "int.fc3.bits"):
+            assert (trial.distributions[name].low, trial.distributions[name].high) == (5, 6), name
+        assert {v["bits"] for v in plan.steps[0].layers.values()} <= {5, 6}
+
+
 def test_no_overrides_after_a_structure_step() -> None:
     space = StudySpace("s", {"structure": ("lowrank",), "weights": ("int",)}, per_layer_max=8)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
