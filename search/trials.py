@@ -249,12 +249,16 @@ def claim(study: optuna.Study, total: int, lock: LockFactory, *, wait: float = W
 
 def retry(study: optuna.Study, failed: FrozenTrial) -> bool:
     """Re-queue ``failed``'s plan as a fresh trial: its parameters, a refinement's marks and the
-    retry chain, nothing else (no artifacts, no values); return whether its plan is queued. Gives
-    up after :data:`MAX_RETRIES`, and on a trial stopped before its first parameter (nothing to
-    re-queue: its slot, free again, is sampled anew). Also the storage's stale-trial callback
+    retry chain, nothing else (no artifacts, no values); return whether its plan is queued. A
+    trial that was itself queued (a retry, a refinement) and stopped before its first parameter
+    re-queues the parameters it was queued with. Gives up after :data:`MAX_RETRIES`, and on a
+    sampled trial stopped before its first parameter (nothing to re-queue: its slot, free again,
+    is sampled anew). Also the storage's stale-trial callback
     (:func:`storage.studies.open_storage`)."""
     retries = int(failed.user_attrs.get(record.RETRIES, 0))
-    if retries >= MAX_RETRIES or not failed.params:
+    # Optuna keeps a queued trial's parameters in this system attribute until they are suggested.
+    params = {**dict(failed.system_attrs.get("fixed_params") or {}), **failed.params}
+    if retries >= MAX_RETRIES or not params:
         return False
     # Once per failed trial: a worker interrupted just as another found its trial stale would
     # otherwise queue the plan twice.
@@ -263,7 +267,7 @@ def retry(study: optuna.Study, failed: FrozenTrial) -> bool:
     keep = (record.REFINE_OF, record.FIDELITY_EPOCHS, record.REFINE_ROUND)
     attrs = {k: failed.user_attrs[k] for k in keep if k in failed.user_attrs}
     attrs.update({record.RETRY_OF: failed.number, record.RETRIES: retries + 1})
-    study.enqueue_trial(dict(failed.params), user_attrs=attrs)
+    study.enqueue_trial(params, user_attrs=attrs)
     return True
 
 

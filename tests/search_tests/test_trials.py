@@ -147,6 +147,22 @@ def test_a_retry_carries_the_plan_and_never_the_dead_attempts_artifacts(tmp_path
     assert not study.get_trials(states=(TrialState.WAITING,))
 
 
+def test_a_queued_plan_stopped_before_its_first_parameter_is_queued_again(tmp_path: Path) -> None:
+    # A retry (or refinement) holds its plan as queued parameters until the objective suggests
+    # them: stopped before that, its plan must go back to the queue, not be lost.
+    study = optuna.create_study(study_name="s", storage=_storage(f"sqlite:///{tmp_path}/s.db"), direction="maximize")
+    study.enqueue_trial({"x": 0.25}, user_attrs={record.RETRY_OF: 7, record.RETRIES: 1})
+    failed = study.tell(study.ask(), state=TrialState.FAIL)
+    assert failed.params == {}
+    assert retry(study, failed)
+    (waiting,) = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert waiting.system_attrs["fixed_params"] == {"x": 0.25} and waiting.user_attrs[record.RETRIES] == 2
+    # A sampled trial stopped before its first parameter has no plan: nothing is queued.
+    fresh = optuna.create_study(direction="maximize")
+    assert not retry(fresh, fresh.tell(fresh.ask(), state=TrialState.FAIL))
+    assert not fresh.get_trials(states=(TrialState.WAITING,))
+
+
 def test_resumes_sample_new_plans() -> None:
     # The sampler seed once depended only on the study seed and the worker index: a resumed
     # study replayed its first plans (trial 6 == trial 0).
