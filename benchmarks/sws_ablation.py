@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         results[key] = {"label": label, "result": result, "seconds": round(seconds, 1), "command": " ".join(cmd[1:])}
         rows.append(f"| {label} | {result['bytes']:,} | {result['compression_ratio']:.1f}x | "
                     f"{100 * float(result['test_accuracy']):.2f} % | {seconds:.0f} s |")
+        print(rows[-1], flush=True)  # each row as it is measured: a run cut short keeps its rows
     lines = [
         "# Soft weight-sharing: the recipe against what the search can reach (`benchmarks/sws_ablation.py`)",
         "",
