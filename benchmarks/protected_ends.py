@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +47,15 @@ def apply(plan_file: Path, epochs: int, store: str, data_dir: str) -> tuple[dict
     if out.returncode:
         raise SystemExit(f"error: {' '.join(cmd)} failed: {out.stderr.strip().splitlines()[-1]}")
     return json.loads(out.stdout[out.stdout.index("{"):]), cmd
+
+
+def emit_report(lines: list[str], out: str | None, results: dict[str, object]) -> None:
+    """Print the Markdown ``lines``; with ``out``, write them there and ``results`` as JSON beside."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        Path(out).write_text(text)
+        Path(out).with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,26 +94,30 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(f"| {pa.RECIPES[key]} | {label} | {result['bytes']:,} | {result['compression_ratio']:.1f}x | "
                         f"{100 * float(result['test_accuracy']):.2f} % |")
     lines = [
-        "# Protected ends against a published recipe (`benchmarks/protected_ends.py`)",
-        "",
-        f"- command: `python benchmarks/protected_ends.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-        f"- {started}; 1-minute load average at start {load:.1f}; {pa.LABELS[args.model]} on mnist-t10k split seed "
-        f"{args.seed}, one cached baseline, {args.epochs} fine-tune epochs each; each row one `search.apply`",
-        "",
+        *report_head("Protected ends against a published recipe (`benchmarks/protected_ends.py`)", "protected_ends.py", argv,
+                     f"{started}; 1-minute load average at start {load:.1f}; {pa.LABELS[args.model]} on mnist-t10k split "
+                     f"seed {args.seed}, one cached baseline, {args.epochs} fine-tune epochs each; each row one `search.apply`"),
         "| recipe | layers | bytes | ratio | test accuracy |",
         "|---|---|---:|---:|---:|",
         *rows,
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-        Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    emit_report(lines, args.out, results)
     return 0
 
 
-if __name__ == "__main__":
+def run_cli(entry: Callable[[], int]) -> None:
+    """Run a benchmark's ``entry``: its exit code, or one line for a user's error."""
     try:
-        raise SystemExit(main())
+        raise SystemExit(entry())
     except UserError as exc:
         raise SystemExit(f"error: {exc}") from None
+
+
+def report_head(title: str, script: str, argv: list[str] | None, detail: str) -> list[str]:
+    """A report's title, its command line and one line of circumstances."""
+    return ["# " + title, "", f"- command: `python benchmarks/{script} {' '.join(argv if argv is not None else sys.argv[1:])}`",
+            f"- {detail}", ""]
+
+
+if __name__ == "__main__":
+    run_cli(main)

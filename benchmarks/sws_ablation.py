@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -34,7 +33,7 @@ if str(REPO / "benchmarks") not in sys.path:  # last: benchmarks/storage.py must
     sys.path.append(str(REPO / "benchmarks"))
 
 import paper_anchors as pa  # noqa: E402  (the recipe, as the paper-anchors benchmark runs it)
-from protected_ends import apply  # noqa: E402  (one search.apply, its result and command)
+from protected_ends import apply, emit_report, report_head, run_cli  # noqa: E402  (one search.apply; the report's output)
 
 from models.datasets import val_size  # noqa: E402
 from models.errors import UserError  # noqa: E402
@@ -112,27 +111,18 @@ def main(argv: list[str] | None = None) -> int:
                     f"{100 * float(result['test_accuracy']):.2f} % | {seconds:.0f} s |")
         print(rows[-1], flush=True)  # each row as it is measured: a run cut short keeps its rows
     lines = [
-        "# Soft weight-sharing: the recipe against what the search can reach (`benchmarks/sws_ablation.py`)",
-        "",
-        f"- command: `python benchmarks/sws_ablation.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-        f"- {started}; 1-minute load average at start {load:.1f}; {pa.LABELS[args.model]} on mnist-t10k split seed "
-        f"{args.seed} ({n_train:,} training images), one cached baseline; each row one `search.apply` (its command "
-        "in the JSON beside this file)",
-        "",
+        *report_head("Soft weight-sharing: the recipe against what the search can reach (`benchmarks/sws_ablation.py`)",
+                     "sws_ablation.py", argv,
+                     f"{started}; 1-minute load average at start {load:.1f}; {pa.LABELS[args.model]} on mnist-t10k split "
+                     f"seed {args.seed} ({n_train:,} training images), one cached baseline; each row one `search.apply` "
+                     "(its command in the JSON beside this file)"),
         "| variant | bytes | ratio | test accuracy | wall |",
         "|---|---:|---:|---:|---:|",
         *rows,
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-        Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    emit_report(lines, args.out, results)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except UserError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    run_cli(main)
