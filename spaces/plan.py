@@ -514,7 +514,9 @@ def suggest_layers(trial: optuna.Trial, technique: AnyTechnique, config: Techniq
     fields_ = technique.per_layer(config)
     if not layers or not fields_:
         return {}
-    params = {**technique_fingerprint(technique)["params"], **(recorded or {})}
+    # A study's record holds every parameter of its techniques (a code that added one is
+    # refused, space_changes): the walk of the technique's branches is needed only without it.
+    params = dict(recorded) if recorded else technique_fingerprint(technique)["params"]
     out: dict[str, dict[str, Any]] = {layers[0]: {f: getattr(config, f) for f in fields_}}
     for path in layers[1:]:
         out[path] = {}
