@@ -24,7 +24,7 @@ from objectives.pipeline import Workbench
 from search.progress import ProgressDisplay, study_stats
 from search.refine import DEFAULT_ETA, DEFAULT_FACTOR, check_options, refine, summary_lines
 from search.samplers import SAMPLER_HELP, SAMPLERS, make_sampler
-from search.studies import StudyConfig, create_or_load, new_techniques, study_space
+from search.studies import StudyConfig, create_or_load, new_techniques, stored_config, study_space
 from search.trials import process_seed, retry
 from search.worker import (
     BUDGET_ATTR,
@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-ratio", type=float, default=None, help="compression ratio floor; plans below are infeasible and not trained")
     p.add_argument("--no-early-stopping", action="store_true", help="never stop a trial early")
     p.add_argument("--tune-finetune", action="store_true",
-                   help="also search the fine-tune: epochs (1..2x the preset's), learning rate, distillation from the baseline")
+                   help="also search the fine-tune: epochs (1..2x the preset's), optimizer (the preset's SGD or AdamW at a "
+                        "constant rate) and its learning rate, distillation from the baseline")
     p.add_argument("--per-layer-max", type=int, default=PER_LAYER_MAX,
                    help=f"models with at most this many conv/linear layers sample each layer's intensity (sparsity, bits, "
                         f"clusters, rank) on its own; 0: one value per technique (default: {PER_LAYER_MAX})")
@@ -99,7 +100,9 @@ def study_config(args: argparse.Namespace) -> StudyConfig:
     if args.tune_finetune:
         ft = get_preset(args.preset).finetune
         finetune_space = {"epochs": [1, 2 * ft.epochs], "lr": [ft.lr / 10, ft.lr * 10],
-                          "distill_weight": [0.0, 0.9], "distill_temperature": [1.0, 8.0]}
+                          "distill_weight": [0.0, 0.9], "distill_temperature": [1.0, 8.0],
+                          # Adam's useful rates, around the soft weight-sharing recipe's 5e-4.
+                          "adamw_lr": [1e-4, 5e-3]}
     return StudyConfig(
         space=args.study, preset=args.preset, dataset=args.dataset, seed=args.seed,
         objectives=parse_objectives(args.objectives), sampler=args.sampler,
@@ -195,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     name = args.name or config.default_name()
     study = create_or_load(name, storage, config, bench, sampler)
+    config = stored_config(study)  # what every worker runs (a study older than an option keeps its record)
     study.set_user_attr(BUDGET_ATTR, args.trials)
     print(f"study {name!r} on {redact(args.storage)}: baseline val {bench.record.val_accuracy:.4f}, "
           f"{bench.baseline_bytes} bytes; {study_stats(study, bench.record.val_accuracy).done} trials done", flush=True)

@@ -4,7 +4,7 @@ every worker that joins it (from any machine) runs the same search."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import optuna
@@ -104,7 +104,7 @@ def _create_or_load(name: str, storage: optuna.storages.BaseStorage, config: Stu
         })
         study.set_user_attr("code_version", code_version())
         study.set_user_attr(SPACE_ATTR, get_study_space(config.space, config.per_layer_max).record())
-    elif StudyConfig.from_dict(existing) != config:
+    elif not same_study(StudyConfig.from_dict(existing), config):
         old = StudyConfig.from_dict(existing).to_dict()
         diff = {k: (old[k], v) for k, v in config.to_dict().items() if old.get(k) != v}
         raise UserError(
@@ -112,6 +112,22 @@ def _create_or_load(name: str, storage: optuna.storages.BaseStorage, config: Stu
             "resume it with the same options, or pass --name to start a new study"
         )
     return study
+
+
+# finetune_space keys that the options give since a version of this code: a study recorded before
+# lacks them and resumes as it was recorded (its stored configuration is what every worker runs).
+NEWER_FINETUNE_KEYS = ("adamw_lr",)
+
+
+def same_study(stored: StudyConfig, given: StudyConfig) -> bool:
+    """Whether options that make ``given`` may resume the study recorded with ``stored``: equal,
+    or equal but for :data:`NEWER_FINETUNE_KEYS` that the stored study predates."""
+    if stored == given:
+        return True
+    if any(k in stored.finetune_space for k in NEWER_FINETUNE_KEYS):
+        return False
+    older = {k: v for k, v in given.finetune_space.items() if k not in NEWER_FINETUNE_KEYS}
+    return replace(given, finetune_space=older) == stored
 
 
 def study_space(study: optuna.Study) -> StudySpace:

@@ -681,18 +681,40 @@ def suggest_plan(
     return Plan(tuple(steps), policy, suggest_finetune(trial, finetune_space or {}))
 
 
-_FINETUNE_LOG = MappingProxyType({"epochs": False, "lr": True, "distill_weight": False, "distill_temperature": True})
+_FINETUNE_LOG = MappingProxyType({"epochs": False, "lr": True, "distill_weight": False, "distill_temperature": True,
+                                  "adamw_lr": True})
+# The fine-tune of a plan that samples ``finetune.optimizer = "adamw"``: the soft weight-sharing
+# recipe's optimizer (Ullrich et al.: Adam at a constant rate, no weight decay; the mixture prior
+# regularises). Under the presets' SGD the prior barely moves the weights (BENCHMARKS.md, the soft
+# weight-sharing ablation: 13x where Adam gives 126x on LeNet-300-100), so the optimizer is a
+# dimension of the plan, not of the preset.
+ADAMW_FINETUNE = MappingProxyType({"optimizer": "adamw", "schedule": "constant", "weight_decay": 0.0})
 
 
 def suggest_finetune(trial: optuna.Trial, space: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
     """Fine-tune overrides sampled from ``space`` (key -> (low, high)): ``epochs`` (int),
-    ``lr`` and ``distill_temperature`` (log scale), ``distill_weight`` (linear)."""
-    out: dict[str, Any] = {}
-    for key, (lo, hi) in space.items():
+    ``lr`` and ``distill_temperature`` (log scale), ``distill_weight`` (linear).
+
+    With ``adamw_lr`` in ``space`` the plan also samples ``finetune.optimizer`` (``sgd``, the
+    preset's, or ``adamw``): an ``adamw`` plan fine-tunes with :data:`ADAMW_FINETUNE` at a rate
+    ``finetune.adamw_lr`` (log scale) instead of ``finetune.lr``, since the two optimizers' useful
+    rates lie decades apart. A space without it (every study recorded before it existed) samples
+    exactly the parameters it sampled then.
+    """
+    for key in space:
         if key not in _FINETUNE_LOG:
             raise UserError(f"finetune_space key {key!r} is not searchable; use {', '.join(_FINETUNE_LOG)}")
+    out: dict[str, Any] = {}
+    adamw = "adamw_lr" in space and trial.suggest_categorical("finetune.optimizer", ["sgd", "adamw"]) == "adamw"
+    for key, (lo, hi) in space.items():
         if key == "epochs":
             out[key] = trial.suggest_int("finetune.epochs", int(lo), int(hi))
+        elif key == "adamw_lr":
+            if adamw:
+                out.update(ADAMW_FINETUNE, lr=trial.suggest_float("finetune.adamw_lr", lo, hi, log=True))
+        elif key == "lr":
+            if not adamw:
+                out[key] = trial.suggest_float("finetune.lr", lo, hi, log=True)
         else:
             out[key] = trial.suggest_float(f"finetune.{key}", lo, hi, log=_FINETUNE_LOG[key])
     return out

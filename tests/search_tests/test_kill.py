@@ -128,11 +128,17 @@ def _kill_during_upload(cluster: Cluster, deadline: float) -> int | None:
 
 
 def _kill_last(cluster: Cluster, deadline: float) -> int | None:
-    """SIGKILL the worker of the study's last trial while it runs; None if no worker is left."""
+    """SIGKILL the worker of one of the study's last trials while it runs (every slot is finished
+    or running, so no worker samples a new plan: the killed trial's redo is what the others must
+    wait for); None if no worker is left."""
     while time.monotonic() < deadline and cluster.alive():
         trials = _trials(cluster)
         finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-        if len(finished) == TOTAL - 1 and any(t.state == TrialState.RUNNING for t in trials):
+        # Trials of live workers: a killed worker's trial stays RUNNING until its heartbeat is stale.
+        running = [t for t in trials if t.state == TrialState.RUNNING and _worker_of(t, cluster.procs)]
+        # Not "exactly TOTAL - 1 finished": on CI the last two trials once finished between two
+        # polls, and nothing was killed. Every slot taken holds for the whole of the last trials.
+        if running and len(finished) + len(running) >= TOTAL:
             number = _freeze_and_kill(cluster, lambda t: True)
             if number is not None:
                 return number
@@ -153,8 +159,8 @@ def test_workers_killed_at_random_moments_finish_exactly_the_total(pg_url: str, 
     cluster.start()
     kills["SIGKILL during an artifact upload"] = _kill_during_upload(cluster, deadline)
     cluster.start()
-    # The last trial: once every other slot is finished, freeze the workers (so that it cannot
-    # finish meanwhile), kill the one running it, let the others go on.
+    # The last trial: once every slot is finished or running, freeze the workers (so that none
+    # can finish meanwhile), kill one running a last trial, let the others go on.
     kills["SIGKILL during the last trial"] = _kill_last(cluster, deadline)
     while cluster.alive() and time.monotonic() < deadline:
         time.sleep(0.5)

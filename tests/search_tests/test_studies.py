@@ -8,7 +8,16 @@ import optuna
 import pytest
 
 from models.errors import UserError
-from search.studies import CONFIG_ATTR, SPACE_ATTR, StudyConfig, new_techniques, study_space
+from search.studies import (
+    CONFIG_ATTR,
+    SPACE_ATTR,
+    StudyConfig,
+    create_or_load,
+    new_techniques,
+    same_study,
+    stored_config,
+    study_space,
+)
 from spaces.plan import get_study_space, suggest_plan
 
 
@@ -64,3 +73,19 @@ def test_a_study_made_before_spaces_were_recorded_gets_its_trials_choices() -> N
     space = study_space(study)
     assert space.options("weights") == old and space.per_layer_max == 0
     assert study.user_attrs[SPACE_ATTR]["stages"]["weights"] == list(old)  # recorded now
+
+
+def test_a_study_older_than_the_optimizer_dimension_resumes_as_recorded() -> None:
+    old_space = {"epochs": [1, 6], "lr": [0.001, 0.1], "distill_weight": [0.0, 0.9], "distill_temperature": [1.0, 8.0]}
+    stored = StudyConfig(preset="digits", finetune_space=old_space)
+    given = dataclasses.replace(stored, finetune_space={**old_space, "adamw_lr": [1e-4, 5e-3]})
+    assert same_study(stored, given)  # today's --tune-finetune on a study made before adamw_lr
+    assert not same_study(given, stored)  # the other way round, the stored study samples more
+    assert not same_study(stored, dataclasses.replace(given, seed=1))  # any other change is refused
+    assert not same_study(stored, dataclasses.replace(given, finetune_space={**given.finetune_space, "lr": [0.01, 0.1]}))
+    study = _study(stored, None)
+    loaded = create_or_load(study.study_name, study._storage, given, None, optuna.samplers.RandomSampler())  # type: ignore[arg-type]
+    assert stored_config(loaded) == stored  # what the workers and search.run go on with
+    with pytest.raises(UserError, match="another configuration"):
+        create_or_load(study.study_name, study._storage, dataclasses.replace(given, seed=1), None,  # type: ignore[arg-type]
+                       optuna.samplers.RandomSampler())
