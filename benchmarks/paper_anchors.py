@@ -21,7 +21,8 @@ that produced it):
 
 **The search.** ``--study all`` with per-layer intensities (the default ``--per-layer-max`` covers
 these 3- and 4-layer models) and, unless ``--no-tune-finetune``, the fine-tune searched too
-(epochs 1..2x the preset's, learning rate, distillation from the baseline). Each study runs in
+(epochs 1..2x the preset's, optimizer (SGD or AdamW) and learning rate, distillation from the
+baseline). Each study runs in
 chunks of ``--chunk`` trials (``search.run --trials`` grows by a chunk each time; the study
 resumes) until its CPU budget would be exceeded, then ``search.run --refine K`` refines the top K
 plans (successive halving up to ``--refine-factor`` x the preset's fine-tune epochs; no new search
