@@ -24,7 +24,14 @@ from objectives.pipeline import Workbench
 from search.progress import ProgressDisplay, study_stats
 from search.refine import DEFAULT_ETA, DEFAULT_FACTOR, check_options, refine, summary_lines
 from search.samplers import SAMPLER_HELP, SAMPLERS, make_sampler
-from search.studies import StudyConfig, create_or_load, new_techniques, stored_config, study_space
+from search.studies import (
+    StudyConfig,
+    create_or_load,
+    new_techniques,
+    newer_finetune_keys,
+    stored_config,
+    study_space,
+)
 from search.trials import process_seed, retry
 from search.worker import (
     BUDGET_ATTR,
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     name = args.name or config.default_name()
     study = create_or_load(name, storage, config, bench, sampler)
-    config = stored_config(study)  # what every worker runs (a study older than an option keeps its record)
+    given, config = config, stored_config(study)  # what every worker runs (a study older than an option keeps its record)
     study.set_user_attr(BUDGET_ATTR, args.trials)
     print(f"study {name!r} on {redact(args.storage)}: baseline val {bench.record.val_accuracy:.4f}, "
           f"{bench.baseline_bytes} bytes; {study_stats(study, bench.record.val_accuracy).done} trials done", flush=True)
@@ -206,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     if added:
         print(f"note: this study searches the space it was created with; {', '.join(added)} "
               "(newer) go to a new study: pass --name", flush=True)
+    older = newer_finetune_keys(config, given)
+    if older:
+        print(f"note: this study was created before --tune-finetune searched {', '.join(older)}; it resumes "
+              "as it was created: pass --name for a new study that searches it", flush=True)
     start = time.perf_counter()
     with ProgressDisplay(study, bench.record.val_accuracy, args.trials) as progress:
         if args.jobs == 1:

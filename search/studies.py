@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 import optuna
@@ -116,7 +117,7 @@ def _create_or_load(name: str, storage: optuna.storages.BaseStorage, config: Stu
 
 # finetune_space keys that the options give since a version of this code: a study recorded before
 # lacks them and resumes as it was recorded (its stored configuration is what every worker runs).
-NEWER_FINETUNE_KEYS = ("adamw_lr",)
+NEWER_FINETUNE_KEYS = MappingProxyType({"adamw_lr": "the fine-tune's optimizer (SGD or AdamW)"})
 
 
 def same_study(stored: StudyConfig, given: StudyConfig) -> bool:
@@ -128,6 +129,12 @@ def same_study(stored: StudyConfig, given: StudyConfig) -> bool:
         return False
     older = {k: v for k, v in given.finetune_space.items() if k not in NEWER_FINETUNE_KEYS}
     return replace(given, finetune_space=older) == stored
+
+
+def newer_finetune_keys(stored: StudyConfig, given: StudyConfig) -> list[str]:
+    """What the options search that a study recorded before them lacks (it resumes without them,
+    :func:`same_study`), described as :data:`NEWER_FINETUNE_KEYS` does."""
+    return [v for k, v in NEWER_FINETUNE_KEYS.items() if k in given.finetune_space and k not in stored.finetune_space]
 
 
 def study_space(study: optuna.Study) -> StudySpace:

@@ -14,6 +14,7 @@ from search.studies import (
     StudyConfig,
     create_or_load,
     new_techniques,
+    newer_finetune_keys,
     same_study,
     stored_config,
     study_space,
@@ -83,6 +84,8 @@ def test_a_study_older_than_the_optimizer_dimension_resumes_as_recorded() -> Non
     assert not same_study(given, stored)  # the other way round, the stored study samples more
     assert not same_study(stored, dataclasses.replace(given, seed=1))  # any other change is refused
     assert not same_study(stored, dataclasses.replace(given, finetune_space={**given.finetune_space, "lr": [0.01, 0.1]}))
+    assert newer_finetune_keys(stored, given) == ["the fine-tune's optimizer (SGD or AdamW)"]  # search.run's note
+    assert newer_finetune_keys(given, given) == [] and newer_finetune_keys(stored, stored) == []
     study = _study(stored, None)
     loaded = create_or_load(study.study_name, study._storage, given, None, optuna.samplers.RandomSampler())  # type: ignore[arg-type]
     assert stored_config(loaded) == stored  # what the workers and search.run go on with
