@@ -123,12 +123,8 @@ NEWER_FINETUNE_KEYS = MappingProxyType({"adamw_lr": "the fine-tune's optimizer (
 def same_study(stored: StudyConfig, given: StudyConfig) -> bool:
     """Whether options that make ``given`` may resume the study recorded with ``stored``: equal,
     or equal but for :data:`NEWER_FINETUNE_KEYS` that the stored study predates."""
-    if stored == given:
-        return True
-    if any(k in stored.finetune_space for k in NEWER_FINETUNE_KEYS):
-        return False
-    older = {k: v for k, v in given.finetune_space.items() if k not in NEWER_FINETUNE_KEYS}
-    return replace(given, finetune_space=older) == stored
+    kept = {k: v for k, v in given.finetune_space.items() if k in stored.finetune_space or k not in NEWER_FINETUNE_KEYS}
+    return replace(given, finetune_space=kept) == stored
 
 
 def newer_finetune_keys(stored: StudyConfig, given: StudyConfig) -> list[str]:
